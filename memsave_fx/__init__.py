@@ -1,0 +1,18 @@
+"""memsave_fx: keep less for backward when only some parameters are trained.
+
+    torch.compile(model, backend="memsave")
+"""
+
+from ._version import __version__
+from .backend import CompiledGraph, MemsaveBackend, backend
+from .config import MemsaveConfig
+from .measure import saved_activation_bytes
+
+__all__ = [
+    "CompiledGraph",
+    "MemsaveBackend",
+    "MemsaveConfig",
+    "__version__",
+    "backend",
+    "saved_activation_bytes",
+]

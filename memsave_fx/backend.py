@@ -1,0 +1,160 @@
+"""The `memsave` torch.compile backend.
+
+Dynamo's graph goes to Inductor's `compile_fx` (or, with `compiler="eager"`, to AOTAutograd
+with no code generation). In both, `MemsavePass` runs on the joint forward/backward graph
+before the partitioner chooses what to save, so the rewrites change what is kept.
+The backend is registered only through the `torch_dynamo_backends` entry point.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+
+from ._version import __version__
+from .config import MemsaveConfig
+from .passes import Rewrite, run_passes
+
+log = logging.getLogger(__name__)
+
+_JOINT_PASS_OPTION = "joint_custom_pre_pass"
+
+
+@dataclasses.dataclass
+class CompiledGraph:
+    """What the backend did with one Dynamo graph (graph breaks give several)."""
+
+    index: int
+    config: MemsaveConfig
+    num_nodes: int
+    # None until AOTAutograd traces a joint graph; it stays None for a graph served from
+    # AOTAutograd's cache, since the pass does not run then.
+    rewrites: list[Rewrite] | None = None
+    has_backward: bool = False
+
+    @property
+    def released(self) -> list[str]:
+        """Forward values the rewrites stopped the backward from reading."""
+        return [name for r in self.rewrites or () if r.applied for name in r.released]
+
+
+class MemsavePass(CustomGraphPass):
+    """Inductor's `joint_custom_pre_pass`: runs the rewrite passes, records what they did."""
+
+    def __init__(self, config: MemsaveConfig, record: CompiledGraph | None = None) -> None:
+        self.config = config
+        self.record = record
+
+    def __call__(self, graph: fx.Graph) -> None:
+        rewrites = run_passes(graph, self.config)
+        if self.record is not None:
+            has_backward = any(str(n.target).startswith("tangents") for n in graph.find_nodes(op="placeholder"))
+            self.record.has_backward |= has_backward
+            self.record.rewrites = (self.record.rewrites or []) + rewrites
+
+    def uuid(self) -> str:
+        return _pass_uuid(self.config)
+
+
+@functools.cache
+def _pass_uuid(config: MemsaveConfig) -> str:
+    # The code, the version and every option, so that no cache serves a graph compiled
+    # under other settings or by other code.
+    sources = tuple(sorted(str(p) for p in Path(__file__).parent.rglob("*.py")))
+    return get_hash_for_files(sources, extra=f"memsave_fx {__version__} {config!r}").hex()
+
+
+class MemsaveBackend:
+    """A torch.compile backend; `compiled` lists what it compiled, one entry per graph."""
+
+    def __init__(self, config: MemsaveConfig | None = None) -> None:
+        self.config = config or MemsaveConfig()
+        self.compiled: list[CompiledGraph] = []
+
+    def __repr__(self) -> str:
+        return f"MemsaveBackend({self.config!r})"
+
+    def __call__(
+        self,
+        gm: fx.GraphModule,
+        example_inputs: Sequence[Any],
+        *,
+        mode: str | None = None,
+        options: dict[str, Any] | None = None,
+    ) -> Callable[..., Any]:
+        overrides, inductor_options = MemsaveConfig.split_options(options)
+        config = dataclasses.replace(self.config, **overrides)
+        _check_available(config)
+        if _JOINT_PASS_OPTION in inductor_options:
+            raise ValueError(
+                f"option {_JOINT_PASS_OPTION!r} is reserved for memsave's own pass; "
+                f"valid memsave options: {', '.join(sorted(MemsaveConfig.option_names()))}"
+            )
+        record = CompiledGraph(len(self.compiled), config, len(gm.graph.nodes))
+        self.compiled.append(record)
+        joint_pass = MemsavePass(config, record)
+        if config.compiler == "eager":
+            if mode not in (None, "default") or inductor_options:
+                raise ValueError(
+                    "compiler='eager' generates no code, so it takes no Inductor mode or "
+                    f"options; got mode={mode!r}, options={sorted(inductor_options)}"
+                )
+            return _compile_eager(gm, example_inputs, joint_pass)
+        # Inductor's own wrapper validates the remaining options and expands `mode`.
+        inductor = torch._TorchCompileInductorWrapper(mode, inductor_options, dynamic=None)
+        return inductor(gm, example_inputs, config_patches={_JOINT_PASS_OPTION: joint_pass})
+
+
+def _compile_eager(
+    gm: fx.GraphModule, example_inputs: Sequence[Any], joint_pass: MemsavePass
+) -> Callable[..., Any]:
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._dynamo.backends.debugging import boxed_nop
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+    def partition(joint_module: fx.GraphModule, joint_inputs: Any, **kwargs: Any):
+        joint_pass(joint_module.graph)
+        joint_module.recompile()
+        return min_cut_rematerialization_partition(joint_module, joint_inputs, **kwargs)
+
+    return aot_autograd(
+        fw_compiler=boxed_nop,
+        bw_compiler=boxed_nop,
+        partition_fn=partition,
+        keep_inference_input_mutations=True,
+    )(gm, example_inputs)
+
+
+_NOT_YET_AVAILABLE = {
+    "approx_activations": True,
+    "share_norms": True,
+}
+
+
+def _check_available(config: MemsaveConfig) -> None:
+    # Refuse rather than silently compile without a requested lossy or sharing pass.
+    for name, value in _NOT_YET_AVAILABLE.items():
+        if getattr(config, name) == value:
+            raise NotImplementedError(f"memsave option {name}={value!r} is not available in memsave_fx {__version__}")
+    if config.pool_activations != 1:
+        raise NotImplementedError(
+            f"memsave option pool_activations={config.pool_activations} is not available in "
+            f"memsave_fx {__version__}; use 1"
+        )
+
+
+def backend(**config: Any) -> MemsaveBackend:
+    """A memsave backend with the given `MemsaveConfig` options, for `torch.compile(backend=...)`."""
+    return MemsaveBackend(MemsaveConfig(**config))
+
+
+# The entry point target: `torch.compile(model, backend="memsave")` finds it by name.
+memsave_backend = MemsaveBackend()

@@ -1,0 +1,46 @@
+"""The rewrite passes, in the order they run.
+
+Each pass has the signature `(graph, config) -> list[Rewrite]`, reads the annotations of
+`memsave_fx.analysis`, changes only what it records, and leaves a graph it does not apply to
+untouched. The analysis is rerun before every pass, so each sees the graph as it is.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch.fx as fx
+
+from ..analysis import analyze_joint_graph
+from ..config import MemsaveConfig
+from .base import Rewrite, RewritePass
+from .replace_eval_batch_norm_backward import replace_eval_batch_norm_backward
+from .replace_frozen_convolution_backward import replace_frozen_convolution_backward
+from .replace_shape_only_reads import replace_shape_only_reads
+
+__all__ = ["PASSES", "Rewrite", "RewritePass", "run_passes"]
+
+log = logging.getLogger(__name__)
+
+PASSES: tuple[RewritePass, ...] = (
+    replace_frozen_convolution_backward,
+    replace_eval_batch_norm_backward,
+    replace_shape_only_reads,
+)
+
+
+def run_passes(graph: fx.Graph, config: MemsaveConfig) -> list[Rewrite]:
+    """Run every pass over a joint graph; a graph without backward is left as it is."""
+    rewrites: list[Rewrite] = []
+    for rewrite_pass in PASSES:
+        if analyze_joint_graph(graph) is None:
+            return rewrites
+        done = rewrite_pass(graph, config)
+        if any(r.applied for r in done):
+            graph.eliminate_dead_code()
+        log.debug("%s: %d rewrites", rewrite_pass.__name__, sum(r.applied for r in done))
+        rewrites.extend(done)
+    if rewrites:
+        graph.lint()
+        analyze_joint_graph(graph)  # leave fresh annotations for the plan
+    return rewrites

@@ -1,0 +1,58 @@
+"""What every rewrite pass shares: its signature, its record, and node creation."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch._guards import detect_fake_mode
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
+
+from ..config import MemsaveConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Rewrite:
+    """One backward node a pass rewrote, or declined to rewrite and why."""
+
+    pass_name: str
+    node: str  # the backward node, by name in the joint graph
+    released: tuple[str, ...]  # forward values that node no longer reads
+    applied: bool
+    reason: str
+
+
+RewritePass = Callable[[fx.Graph, MemsaveConfig], list[Rewrite]]
+
+# Copied onto new nodes so the partitioner places them and tools can attribute them.
+_INHERITED_META = ("partitioner_tag", "stack_trace", "seq_nr", "nn_module_stack", "fwd_nn_module_stack")
+
+
+def insert_call(
+    graph: fx.Graph,
+    target: Any,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any] | None = None,
+    *,
+    like: fx.Node,
+) -> fx.Node:
+    """Insert `target(*args, **kwargs)` before `like`, with a fake `meta["val"]` and `like`'s tags."""
+    kwargs = kwargs or {}
+    with graph.inserting_before(like):
+        node = graph.call_function(target, args, kwargs)
+    fake_args, fake_kwargs = fx.node.map_arg((args, kwargs), lambda n: n.meta["val"])
+    # Factory ops take no tensor, so the mode comes from the node being replaced.
+    fake_mode = detect_fake_mode([n.meta["val"] for n in node.all_input_nodes] + [like.meta.get("val")])
+    with fake_mode if fake_mode is not None else contextlib.nullcontext():
+        value = target(*fake_args, **fake_kwargs)
+    node.meta["val"] = value
+    if isinstance(value, torch.Tensor):
+        node.meta["tensor_meta"] = _extract_tensor_metadata(value)
+    for key in _INHERITED_META:
+        if key in like.meta:
+            node.meta[key] = like.meta[key]
+    return node
