@@ -1,0 +1,85 @@
+"""Shared test machinery: gradients against eager PyTorch, saved bytes, captured joint graphs."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch._dynamo.backends.common import aot_autograd
+from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+from memsave_fx import saved_activation_bytes
+
+# Errors are judged against the largest gradient entry of the eager run.
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 1e-2}
+
+
+def clone_inputs(inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    return [x.detach().clone().requires_grad_(x.requires_grad) for x in inputs]
+
+
+def run_step(
+    model: torch.nn.Module,
+    inputs: Sequence[torch.Tensor],
+    backend: Any | None,
+    target_seed: int = 0,
+) -> tuple[dict[str, torch.Tensor], int]:
+    """One forward/backward with a loss against a random target.
+
+    Returns the gradients of every trainable parameter and input, and the saved bytes.
+    """
+    fn = torch.compile(model, backend=backend) if backend is not None else model
+    output, saved = saved_activation_bytes(fn, *inputs, exclude=[*model.parameters(), *model.buffers()])
+    generator = torch.Generator().manual_seed(target_seed)
+    target = torch.randn(output.shape, generator=generator, dtype=torch.float32).to(output.dtype)
+    torch.nn.functional.mse_loss(output.float(), target.float()).backward()
+    grads = {f"param {n}": p.grad for n, p in model.named_parameters() if p.requires_grad}
+    grads |= {f"input {i}": x.grad for i, x in enumerate(inputs) if x.requires_grad}
+    return grads, saved
+
+
+def assert_grads_match_eager(
+    model: torch.nn.Module, inputs: Sequence[torch.Tensor], backend: Any
+) -> tuple[int, int]:
+    """Compare gradients of `backend` with eager PyTorch on deep copies; return (saved, eager saved)."""
+    expected, eager_saved = run_step(copy.deepcopy(model), clone_inputs(inputs), None)
+    actual, saved = run_step(copy.deepcopy(model), clone_inputs(inputs), backend)
+    assert expected, "nothing requires grad: the test would check nothing"
+    assert actual.keys() == expected.keys()
+    scale = max(g.abs().max().item() for g in expected.values() if g is not None) or 1.0
+    dtype = next(iter(expected.values())).dtype
+    for name, want in expected.items():
+        got = actual[name]
+        assert got is not None and want is not None, name
+        assert got.shape == want.shape and got.dtype == want.dtype, name
+        error = (got.double() - want.double()).abs().max().item() / scale
+        assert error <= TOLERANCE[dtype], f"{name}: error {error:.3g} x max|grad| > {TOLERANCE[dtype]}"
+    return saved, eager_saved
+
+
+def joint_graph(model: torch.nn.Module, *inputs: torch.Tensor) -> fx.GraphModule:
+    """The joint forward/backward graph AOTAutograd builds for `model` (no decompositions)."""
+    captured: list[fx.GraphModule] = []
+
+    def partition(joint_module: fx.GraphModule, joint_inputs: Any, **kwargs: Any):
+        captured.append(copy.deepcopy(joint_module))
+        return min_cut_rematerialization_partition(joint_module, joint_inputs, **kwargs)
+
+    backend = aot_autograd(fw_compiler=lambda gm, _: gm, partition_fn=partition)
+    torch.compile(model, backend=backend)(*inputs)
+    (graph_module,) = captured
+    return graph_module
+
+
+def graph_code(gm: fx.GraphModule) -> str:
+    gm.recompile()
+    return gm.code
+
+
+def saved_bytes_of(model: torch.nn.Module, inputs: Sequence[torch.Tensor], backend: Any) -> int:
+    fn: Callable[..., Any] = torch.compile(model, backend=backend)
+    _, saved = saved_activation_bytes(fn, *inputs, exclude=[*model.parameters(), *model.buffers()])
+    return saved
