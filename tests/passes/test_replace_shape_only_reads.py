@@ -1,0 +1,81 @@
+import pytest
+import torch
+from torch import nn
+
+import memsave_fx
+from memsave_fx.analysis import analyze_joint_graph
+from memsave_fx.passes import replace_shape_only_reads
+
+from ..utils import assert_grads_match_eager, graph_code, joint_graph, saved_bytes_of
+
+# Layers whose backward reads the forward input only for its shape.
+LAYERS = {
+    "avg_pool2d": (lambda: nn.AvgPool2d(3, stride=2, padding=1), (2, 3, 9, 8)),
+    "avg_pool3d": (lambda: nn.AvgPool3d(2), (2, 3, 4, 6, 5)),
+    "adaptive_avg_pool2d": (lambda: nn.AdaptiveAvgPool2d((3, 2)), (2, 3, 7, 8)),
+    "adaptive_avg_pool3d": (lambda: nn.AdaptiveAvgPool3d(2), (2, 3, 5, 4, 6)),
+    "max_pool2d": (lambda: nn.MaxPool2d(2), (2, 3, 9, 8)),
+    "max_pool3d": (lambda: nn.MaxPool3d(2), (2, 3, 4, 6, 5)),
+    "reflection_pad1d": (lambda: nn.ReflectionPad1d(2), (2, 3, 7)),
+    "reflection_pad2d": (lambda: nn.ReflectionPad2d((1, 2, 0, 1)), (2, 3, 5, 6)),
+    "reflection_pad3d": (lambda: nn.ReflectionPad3d(1), (2, 3, 3, 4, 5)),
+    "replication_pad1d": (lambda: nn.ReplicationPad1d(2), (2, 3, 7)),
+    "replication_pad2d": (lambda: nn.ReplicationPad2d((1, 2, 0, 1)), (2, 3, 5, 6)),
+    "replication_pad3d": (lambda: nn.ReplicationPad3d(1), (2, 3, 3, 4, 5)),
+}
+
+
+class ScaleThen(nn.Module):
+    """`layer(2 * x)`: the layer's input is an activation that nothing else needs."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        return self.layer(x * 2)
+
+
+def make_case(name, dtype=torch.float32):
+    factory, shape = LAYERS[name]
+    torch.manual_seed(0)
+    return ScaleThen(factory()), [torch.randn(shape, dtype=dtype, requires_grad=True)]
+
+
+@pytest.mark.parametrize("compiler", ["eager", "inductor"])
+@pytest.mark.parametrize("name", LAYERS)
+def test_gradients_match_eager(name, compiler):
+    model, inputs = make_case(name)
+    assert_grads_match_eager(model, inputs, memsave_fx.backend(compiler=compiler))
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_eager_compiler_keeps_no_input(name):
+    model, inputs = make_case(name)
+    backend = memsave_fx.backend(compiler="eager")
+    memsave = saved_bytes_of(model, inputs, backend)
+    stock = saved_bytes_of(model, inputs, "aot_eager")
+    assert memsave < stock
+    assert [r.applied for r in backend.compiled[0].rewrites] == [True]
+
+
+@pytest.mark.parametrize("name", ["avg_pool2d", "avg_pool3d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "replication_pad2d"])
+def test_inductor_keeps_no_input(name):
+    model, inputs = make_case(name)
+    assert saved_bytes_of(model, inputs, memsave_fx.backend()) < saved_bytes_of(model, inputs, "inductor")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
+def test_dtypes(dtype):
+    model, inputs = make_case("avg_pool2d", dtype=dtype)
+    assert_grads_match_eager(model, inputs, memsave_fx.backend(compiler="eager"))
+
+
+def test_data_reads_leave_graph_unchanged():
+    # Softplus reads its input's data for the gradient: nothing here is shape-only.
+    model = nn.Sequential(nn.Softplus(), nn.Linear(4, 3))
+    gm = joint_graph(model, torch.randn(2, 4, requires_grad=True))
+    before = graph_code(gm)
+    analyze_joint_graph(gm.graph)
+    assert replace_shape_only_reads(gm.graph, memsave_fx.MemsaveConfig()) == []
+    assert graph_code(gm) == before
