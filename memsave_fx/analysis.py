@@ -157,11 +157,11 @@ def _output_deps(node: fx.Node) -> _OutputDeps:
     return deps_of(node) if deps_of is not None else {}
 
 
-def _is_tangent(node: fx.Node) -> bool:
+def is_tangent(node: fx.Node) -> bool:
     return node.op == "placeholder" and str(node.target).startswith("tangents")
 
 
-def _is_primal(node: fx.Node) -> bool:
+def is_primal(node: fx.Node) -> bool:
     return node.op == "placeholder" and str(node.target).startswith("primals")
 
 
@@ -184,10 +184,10 @@ def _gradient_slots(graph: fx.Graph, primals: tuple[fx.Node, ...]) -> dict[fx.No
 
 def analyze_joint_graph(graph: fx.Graph) -> JointGraphInfo | None:
     """Annotate `graph` in place; None (and no annotations) for a graph without backward."""
-    tangents = tuple(n for n in graph.find_nodes(op="placeholder") if _is_tangent(n))
+    tangents = tuple(n for n in graph.find_nodes(op="placeholder") if is_tangent(n))
     if not tangents:
         return None
-    primals = tuple(n for n in graph.find_nodes(op="placeholder") if _is_primal(n))
+    primals = tuple(n for n in graph.find_nodes(op="placeholder") if is_primal(n))
     gradients = _gradient_slots(graph, primals)
     for primal in primals:
         primal.meta[GRADIENT_OF] = gradients.get(primal)
@@ -196,7 +196,7 @@ def analyze_joint_graph(graph: fx.Graph) -> JointGraphInfo | None:
     requested = set(gradients)
     for node in graph.nodes:
         inputs = node.all_input_nodes
-        node.meta[IS_BACKWARD] = _is_tangent(node) or any(i.meta[IS_BACKWARD] for i in inputs)
+        node.meta[IS_BACKWARD] = is_tangent(node) or any(i.meta[IS_BACKWARD] for i in inputs)
         node.meta[DIFFERENTIABLE] = node in requested or any(
             i.meta[DIFFERENTIABLE] for i in inputs
         )

@@ -9,19 +9,19 @@ The backend is registered only through the `torch_dynamo_backends` entry point.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 from collections.abc import Callable, Sequence
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.fx as fx
-from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
 from ._version import __version__
 from .config import MemsaveConfig
-from .passes import Rewrite, run_passes
+
+if TYPE_CHECKING:
+    from .joint_pass import MemsavePass
+    from .passes import Rewrite
 
 log = logging.getLogger(__name__)
 
@@ -44,32 +44,6 @@ class CompiledGraph:
     def released(self) -> list[str]:
         """Forward values the rewrites stopped the backward from reading."""
         return [name for r in self.rewrites or () if r.applied for name in r.released]
-
-
-class MemsavePass(CustomGraphPass):
-    """Inductor's `joint_custom_pre_pass`: runs the rewrite passes, records what they did."""
-
-    def __init__(self, config: MemsaveConfig, record: CompiledGraph | None = None) -> None:
-        self.config = config
-        self.record = record
-
-    def __call__(self, graph: fx.Graph) -> None:
-        rewrites = run_passes(graph, self.config)
-        if self.record is not None:
-            has_backward = any(str(n.target).startswith("tangents") for n in graph.find_nodes(op="placeholder"))
-            self.record.has_backward |= has_backward
-            self.record.rewrites = (self.record.rewrites or []) + rewrites
-
-    def uuid(self) -> str:
-        return _pass_uuid(self.config)
-
-
-@functools.cache
-def _pass_uuid(config: MemsaveConfig) -> str:
-    # The code, the version and every option, so that no cache serves a graph compiled
-    # under other settings or by other code.
-    sources = tuple(sorted(str(p) for p in Path(__file__).parent.rglob("*.py")))
-    return get_hash_for_files(sources, extra=f"memsave_fx {__version__} {config!r}").hex()
 
 
 class MemsaveBackend:
@@ -100,6 +74,9 @@ class MemsaveBackend:
             )
         record = CompiledGraph(len(self.compiled), config, len(gm.graph.nodes))
         self.compiled.append(record)
+        # Imported here: Inductor's modules are heavy, and `import memsave_fx` stays lean.
+        from .joint_pass import MemsavePass
+
         joint_pass = MemsavePass(config, record)
         if config.compiler == "eager":
             if mode not in (None, "default") or inductor_options:

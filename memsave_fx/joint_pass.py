@@ -1,0 +1,40 @@
+"""The joint-graph pass Inductor runs before partitioning: memsave's rewrites, recorded."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch.fx as fx
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+
+from ._version import __version__
+from .analysis import is_tangent
+from .backend import CompiledGraph
+from .config import MemsaveConfig
+from .passes import run_passes
+
+
+class MemsavePass(CustomGraphPass):
+    """Inductor's `joint_custom_pre_pass`: runs the rewrite passes, records what they did."""
+
+    def __init__(self, config: MemsaveConfig, record: CompiledGraph | None = None) -> None:
+        self.config = config
+        self.record = record
+
+    def __call__(self, graph: fx.Graph) -> None:
+        rewrites = run_passes(graph, self.config)
+        if self.record is not None:
+            self.record.has_backward |= any(map(is_tangent, graph.find_nodes(op="placeholder")))
+            self.record.rewrites = (self.record.rewrites or []) + rewrites
+
+    def uuid(self) -> str:
+        return _pass_uuid(self.config)
+
+
+@functools.cache
+def _pass_uuid(config: MemsaveConfig) -> str:
+    # The code, the version and every option, so that no cache serves a graph compiled
+    # under other settings or by other code.
+    sources = tuple(sorted(str(p) for p in Path(__file__).parent.rglob("*.py")))
+    return get_hash_for_files(sources, extra=f"memsave_fx {__version__} {config!r}").hex()
