@@ -38,6 +38,7 @@ LIVE_OUTPUTS = "memsave_live_outputs"
 ARG_PURPOSES = "memsave_arg_purposes"
 BACKWARD_READS = "memsave_backward_reads"
 GRADIENT_OF = "memsave_gradient_of"  # on a primal placeholder: its gradient node, or None
+SOURCE_NAME = "memsave_source_name"  # on a primal placeholder: the parameter or input it holds
 
 
 class ReadPurpose(enum.Enum):
@@ -254,6 +255,18 @@ def analyze_joint_graph(graph: fx.Graph) -> JointGraphInfo | None:
 
 
 _STRENGTH = {ReadPurpose.METADATA: 0, ReadPurpose.UNREQUESTED: 1, ReadPurpose.GRADIENT: 2}
+
+
+def name_primals(graph: fx.Graph, input_names: list[str]) -> None:
+    """Record on each primal the name of the Dynamo graph input it holds ("layer1.0.conv1.weight")."""
+    for primal in filter(is_primal, graph.find_nodes(op="placeholder")):
+        index = getattr(primal.meta.get("desc"), "idx", None)
+        if index is not None and index < len(input_names):
+            primal.meta[SOURCE_NAME] = input_names[index]
+
+
+def display_name(node: fx.Node) -> str:
+    return node.meta.get(SOURCE_NAME, node.name)
 
 
 def needed_by_backward(node: fx.Node) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -77,7 +78,7 @@ class MemsaveBackend:
         # Imported here: Inductor's modules are heavy, and `import memsave_fx` stays lean.
         from .joint_pass import MemsavePass
 
-        joint_pass = MemsavePass(config, record)
+        joint_pass = MemsavePass(config, record, _input_names(gm))
         if config.compiler == "eager":
             if mode not in (None, "default") or inductor_options:
                 raise ValueError(
@@ -88,6 +89,17 @@ class MemsaveBackend:
         # Inductor's own wrapper validates the remaining options and expands `mode`.
         inductor = torch._TorchCompileInductorWrapper(mode, inductor_options, dynamic=None)
         return inductor(gm, example_inputs, config_patches={_JOINT_PASS_OPTION: joint_pass})
+
+
+def _input_names(gm: fx.GraphModule) -> list[str]:
+    """Readable names of the Dynamo graph's inputs: "layer1.0.conv1.weight", or the source."""
+    names = []
+    for node in gm.graph.find_nodes(op="placeholder"):
+        source = getattr(node.meta.get("grapharg"), "source", None)
+        source_name = source.name if source is not None else node.name
+        attributes = re.findall(r"_(?:modules|parameters|buffers)\['([^']+)'\]", source_name)
+        names.append(".".join(attributes) if attributes else source_name)
+    return names
 
 
 def _compile_eager(

@@ -9,7 +9,7 @@ import torch.fx as fx
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
 from ._version import __version__
-from .analysis import is_tangent
+from .analysis import is_tangent, name_primals
 from .backend import CompiledGraph
 from .config import MemsaveConfig
 from .passes import run_passes
@@ -18,11 +18,18 @@ from .passes import run_passes
 class MemsavePass(CustomGraphPass):
     """Inductor's `joint_custom_pre_pass`: runs the rewrite passes, records what they did."""
 
-    def __init__(self, config: MemsaveConfig, record: CompiledGraph | None = None) -> None:
+    def __init__(
+        self,
+        config: MemsaveConfig,
+        record: CompiledGraph | None = None,
+        input_names: list[str] | None = None,
+    ) -> None:
         self.config = config
         self.record = record
+        self.input_names = input_names or []
 
     def __call__(self, graph: fx.Graph) -> None:
+        name_primals(graph, self.input_names)
         rewrites = run_passes(graph, self.config)
         if self.record is not None:
             self.record.has_backward |= any(map(is_tangent, graph.find_nodes(op="placeholder")))

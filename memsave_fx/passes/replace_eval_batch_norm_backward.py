@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 from torch._prims_common import get_computation_dtype
 
-from ..analysis import ARG_PURPOSES, LIVE_OUTPUTS, ReadPurpose
+from ..analysis import ARG_PURPOSES, LIVE_OUTPUTS, ReadPurpose, display_name
 from ..config import MemsaveConfig
 from .base import Rewrite, insert_call
 
@@ -88,11 +88,11 @@ def _rewrite(graph: fx.Graph, node: fx.Node) -> Rewrite:
             user.replace_all_uses_with(replacements[index])
         graph.erase_node(user)
     graph.erase_node(node)
+    reader = f"the gradient of frozen {display_name(weight)}" if weight is not None else "no gradient"
     return Rewrite(
         replace_eval_batch_norm_backward.__name__,
         node.name,
         (bn_input.name,),
         True,
-        f"eval-mode batch norm input {bn_input.name} was read only for the unrequested "
-        f"gradient of weight {weight.name if weight is not None else '(none)'}",
+        f"eval-mode batch norm input {bn_input.name} was read only for {reader}",
     )

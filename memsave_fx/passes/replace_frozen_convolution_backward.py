@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
-from ..analysis import ARG_PURPOSES, LIVE_OUTPUTS, ReadPurpose
+from ..analysis import ARG_PURPOSES, LIVE_OUTPUTS, ReadPurpose, display_name
 from ..config import MemsaveConfig
 from .base import Rewrite, insert_call
 
@@ -84,7 +84,7 @@ def _rewrite(graph: fx.Graph, node: fx.Node) -> Rewrite:
         node.name,
         (conv_input.name,),
         True,
-        f"{kind} input {conv_input.name} was read only for the unrequested gradient of weight {weight.name}",
+        f"{kind} input {conv_input.name} was read only for the gradient of frozen {display_name(weight)}",
     )
 
 
