@@ -14,6 +14,7 @@ import torch.fx as fx
 from ..analysis import analyze_joint_graph
 from ..config import MemsaveConfig
 from .base import Rewrite, RewritePass
+from .flatten_saved_conv_inputs import flatten_saved_conv_inputs
 from .replace_eval_batch_norm_backward import replace_eval_batch_norm_backward
 from .replace_frozen_convolution_backward import replace_frozen_convolution_backward
 from .replace_shape_only_reads import replace_shape_only_reads
@@ -26,6 +27,8 @@ PASSES: tuple[RewritePass, ...] = (
     replace_frozen_convolution_backward,
     replace_eval_batch_norm_backward,
     replace_shape_only_reads,
+    # Last: the rewrites above decide which graph inputs the backward still reads.
+    flatten_saved_conv_inputs,
 )
 
 

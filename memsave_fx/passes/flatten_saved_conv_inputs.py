@@ -1,0 +1,83 @@
+"""Stop Inductor from saving channels-last copies of graph inputs that convolutions read.
+
+With layout optimisation, Inductor gives every dense 4-D input of a convolution channels-last
+strides. A graph input (a parameter, or the model's input) that is also kept for backward is
+then copied, and the forward returns the copy as the saved tensor: every conv weight the
+backward reads, frozen or not, is held twice from forward to backward.
+
+The lowering re-strides only 4-D values, so this pass saves a flat 1-D `_unsafe_view` of the
+input instead, tagged MUST_SAVE, and un-flattens it on each side. The saved tensor then shares
+the input's storage. The forward convolution still runs channels-last; the backward makes its
+own short-lived converted copy.
+
+Two details keep the partitioner from undoing this: `_unsafe_view` is not treated as a view
+(views are always recomputed, never saved), and the two un-flattens are different ops
+(`view` and `_unsafe_view`), which its CSE would otherwise merge across the boundary.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
+from torch.utils.checkpoint import CheckpointPolicy
+
+from ..analysis import IS_BACKWARD, display_name, is_primal
+from ..config import MemsaveConfig
+from .base import Rewrite, insert_call
+
+aten = torch.ops.aten
+log = logging.getLogger(__name__)
+
+
+def flatten_saved_conv_inputs(graph: fx.Graph, config: MemsaveConfig) -> list[Rewrite]:
+    if not config.exact_compression or config.compiler != "inductor":
+        return []  # the copy comes from Inductor's lowering alone
+    rewrites = []
+    for primal in filter(is_primal, graph.find_nodes(op="placeholder")):
+        value = primal.meta.get("val")
+        if not isinstance(value, torch.Tensor) or value.dim() != 4:
+            continue
+        backward_users = [u for u in primal.users if u.meta[IS_BACKWARD]]
+        forward_users = [u for u in primal.users if not u.meta[IS_BACKWARD]]
+        if not backward_users or not forward_users:
+            continue
+        if any(u.target is not aten.convolution.default for u in forward_users):
+            continue  # only a convolution input gets re-strided; others keep their layout
+        if not all(is_concrete_int(s) for s in value.shape):
+            rewrites.append(
+                Rewrite(flatten_saved_conv_inputs.__name__, primal.name, (), False,
+                        f"{display_name(primal)} has a symbolic shape")  # fmt: skip
+            )
+            continue
+        rewrites.append(_flatten(graph, primal, forward_users, backward_users))
+        log.debug("%s: %s", primal.name, rewrites[-1].reason)
+    return rewrites
+
+
+def _flatten(
+    graph: fx.Graph, primal: fx.Node, forward_users: list[fx.Node], backward_users: list[fx.Node]
+) -> Rewrite:
+    shape = [int(s) for s in primal.meta["val"].shape]
+    first_user = next(n for n in graph.nodes if n in primal.users)
+    flat = insert_call(graph, aten._unsafe_view.default, (primal, [primal.meta["val"].numel()]), like=first_user)
+    flat.meta["partitioner_tag"] = "must_be_in_forward"
+    flat.meta["recompute"] = CheckpointPolicy.MUST_SAVE
+    for_forward = insert_call(graph, aten.view.default, (flat, shape), like=first_user)
+    for_forward.meta["partitioner_tag"] = "must_be_in_forward"
+    for user in forward_users:
+        user.replace_input_with(primal, for_forward)
+    first_backward_user = next(n for n in graph.nodes if n in backward_users)
+    for_backward = insert_call(graph, aten._unsafe_view.default, (flat, shape), like=first_backward_user)
+    for_backward.meta["partitioner_tag"] = "must_be_in_backward"
+    for user in backward_users:
+        user.replace_input_with(primal, for_backward)
+    return Rewrite(
+        flatten_saved_conv_inputs.__name__,
+        primal.name,
+        (),
+        True,
+        f"{display_name(primal)} is saved as itself, not as a channels-last copy",
+    )
