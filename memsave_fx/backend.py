@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _JOINT_PASS_OPTION = "joint_custom_pre_pass"
+_PARTITIONER_OPTION = "custom_partitioner_fn"
 
 
 @dataclasses.dataclass
@@ -68,15 +69,17 @@ class MemsaveBackend:
         overrides, inductor_options = MemsaveConfig.split_options(options)
         config = dataclasses.replace(self.config, **overrides)
         _check_available(config)
-        if _JOINT_PASS_OPTION in inductor_options:
-            raise ValueError(
-                f"option {_JOINT_PASS_OPTION!r} is reserved for memsave's own pass; "
-                f"valid memsave options: {', '.join(sorted(MemsaveConfig.option_names()))}"
-            )
+        for reserved in (_JOINT_PASS_OPTION, _PARTITIONER_OPTION):
+            if reserved in inductor_options:
+                raise ValueError(
+                    f"option {reserved!r} is reserved for memsave's own passes; "
+                    f"valid memsave options: {', '.join(sorted(MemsaveConfig.option_names()))}"
+                )
         record = CompiledGraph(len(self.compiled), config, len(gm.graph.nodes))
         self.compiled.append(record)
         # Imported here: Inductor's modules are heavy, and `import memsave_fx` stays lean.
         from .joint_pass import MemsavePass
+        from .partition import MemsavePartitioner
 
         joint_pass = MemsavePass(config, record, _input_names(gm))
         if config.compiler == "eager":
@@ -88,7 +91,11 @@ class MemsaveBackend:
             return _compile_eager(gm, example_inputs, joint_pass)
         # Inductor's own wrapper validates the remaining options and expands `mode`.
         inductor = torch._TorchCompileInductorWrapper(mode, inductor_options, dynamic=None)
-        return inductor(gm, example_inputs, config_patches={_JOINT_PASS_OPTION: joint_pass})
+        patches = {
+            _JOINT_PASS_OPTION: joint_pass,
+            _PARTITIONER_OPTION: MemsavePartitioner(config, joint_pass.uuid()),
+        }
+        return inductor(gm, example_inputs, config_patches=patches)
 
 
 def _input_names(gm: fx.GraphModule) -> list[str]:

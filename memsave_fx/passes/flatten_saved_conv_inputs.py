@@ -40,6 +40,8 @@ def flatten_saved_conv_inputs(graph: fx.Graph, config: MemsaveConfig) -> list[Re
         value = primal.meta.get("val")
         if not isinstance(value, torch.Tensor) or value.dim() != 4:
             continue
+        if not value.is_contiguous():
+            continue  # already channels-last (no copy is made), or not flat-viewable
         backward_users = [u for u in primal.users if u.meta[IS_BACKWARD]]
         forward_users = [u for u in primal.users if not u.meta[IS_BACKWARD]]
         if not backward_users or not forward_users:

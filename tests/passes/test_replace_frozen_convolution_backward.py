@@ -99,7 +99,10 @@ def test_nothing_frozen_saves_as_much_as_stock(compiler):
     model = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3))
     inputs = [torch.randn(2, 3, 16, 16, requires_grad=True)]
     memsave = saved_bytes_of(model, inputs, memsave_fx.backend(compiler=compiler))
-    assert memsave == saved_bytes_of(model, inputs, BASELINES[compiler])
+    stock = saved_bytes_of(model, inputs, BASELINES[compiler])
+    # Stock Inductor also keeps a channels-last copy of every conv weight; memsave does not.
+    weight_copies = sum(m.weight.nbytes for m in model if isinstance(m, nn.Conv2d)) if compiler == "inductor" else 0
+    assert memsave == stock - weight_copies
 
 
 def test_bias_only_gradient_keeps_no_activation():

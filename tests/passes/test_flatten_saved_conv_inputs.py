@@ -1,0 +1,75 @@
+import pytest
+import torch
+from torch import nn
+from torch.autograd.graph import saved_tensors_hooks
+
+import memsave_fx
+from memsave_fx.analysis import analyze_joint_graph
+from memsave_fx.passes import flatten_saved_conv_inputs
+
+from ..utils import assert_grads_match_eager, graph_code, joint_graph, saved_bytes_of
+
+
+def make_case(frozen=True):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 16, 3), nn.ReLU(), nn.Conv2d(16, 4, 3))
+    for conv in (model[2], model[4]):
+        conv.weight.requires_grad_(not frozen)
+    return model, [torch.randn(2, 3, 14, 14, requires_grad=True)]
+
+
+def saved_storages(model, inputs, backend):
+    storages = []
+
+    def pack(tensor):
+        storages.append(tensor.untyped_storage().data_ptr())
+        return tensor
+
+    with saved_tensors_hooks(pack, lambda tensor: tensor):
+        torch.compile(model, backend=backend)(*inputs)
+    return set(storages)
+
+
+@pytest.mark.parametrize("frozen", [True, False], ids=["frozen", "trainable"])
+def test_weights_and_input_are_saved_as_themselves(frozen):
+    model, inputs = make_case(frozen)
+    saved = saved_storages(model, inputs, memsave_fx.backend())
+    weights = {m.weight.untyped_storage().data_ptr() for m in model if isinstance(m, nn.Conv2d)}
+    assert weights <= saved
+    assert inputs[0].untyped_storage().data_ptr() in saved
+    # Stock Inductor saves channels-last copies instead.
+    assert not weights & saved_storages(model, inputs, "inductor")
+
+
+@pytest.mark.parametrize("frozen", [True, False], ids=["frozen", "trainable"])
+def test_gradients_match_eager(frozen):
+    model, inputs = make_case(frozen)
+    assert_grads_match_eager(model, inputs, memsave_fx.backend())
+
+
+def test_exact_compression_off_keeps_stock_copies():
+    model, inputs = make_case(frozen=False)
+    backend = memsave_fx.backend(exact_compression=False)
+    assert saved_bytes_of(model, inputs, backend) == saved_bytes_of(model, inputs, "inductor")
+    assert not [r for r in backend.compiled[0].rewrites if r.pass_name == "flatten_saved_conv_inputs"]
+
+
+@pytest.mark.parametrize(
+    "config", [memsave_fx.MemsaveConfig(compiler="eager"), memsave_fx.MemsaveConfig(exact_compression=False)]
+)
+def test_leaves_graph_unchanged_when_off(config):
+    model, inputs = make_case()
+    gm = joint_graph(model, *inputs)
+    before = graph_code(gm)
+    analyze_joint_graph(gm.graph)
+    assert flatten_saved_conv_inputs(gm.graph, config) == []
+    assert graph_code(gm) == before
+
+
+def test_leaves_graph_unchanged_without_convolutions():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
+    gm = joint_graph(model, torch.randn(3, 2, 2, 4, requires_grad=True))
+    before = graph_code(gm)
+    analyze_joint_graph(gm.graph)
+    assert flatten_saved_conv_inputs(gm.graph, memsave_fx.MemsaveConfig()) == []
+    assert graph_code(gm) == before

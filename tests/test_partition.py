@@ -1,0 +1,44 @@
+import torch
+from torch import nn
+from torch.autograd.graph import saved_tensors_hooks
+
+import memsave_fx
+
+from .utils import assert_grads_match_eager, saved_bytes_of
+
+
+def frozen_relu_net():
+    # The frozen convs stop the backward from reading the ReLU outputs: masks are saved.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
+    model[2].requires_grad_(False)
+    model[4].weight.requires_grad_(False)
+    return model, [torch.randn(2, 3, 16, 16)]
+
+
+def saved_dtypes(model, inputs, backend):
+    dtypes = []
+
+    def pack(tensor):
+        dtypes.append(tensor.dtype)
+        return tensor
+
+    with saved_tensors_hooks(pack, lambda tensor: tensor):
+        torch.compile(model, backend=backend)(*inputs)
+    return dtypes
+
+
+def test_saved_masks_cross_as_bytes():
+    model, inputs = frozen_relu_net()
+    dtypes = saved_dtypes(model, inputs, memsave_fx.backend())
+    assert torch.uint8 in dtypes and torch.bool not in dtypes
+
+
+def test_gradients_match_eager():
+    model, inputs = frozen_relu_net()
+    assert_grads_match_eager(model, inputs, memsave_fx.backend())
+
+
+def test_bytes_take_no_more_memory_than_bools():
+    model, inputs = frozen_relu_net()
+    assert saved_bytes_of(model, inputs, memsave_fx.backend()) < saved_bytes_of(model, inputs, "inductor")
