@@ -1,15 +1,14 @@
 """Inductor's partitioner, followed by what only the partitioned graphs can decide.
 
 The joint-graph passes decide what the backward may read; `min_cut_rematerialization_partition`
-then decides what crosses from forward to backward. `store_saved_masks_as_bytes` acts on that
-saved set itself: a boolean mask the forward saves goes across as uint8.
+then decides what crosses from forward to backward. `pack_saved_masks` acts on that saved set
+itself: a boolean mask the forward saves crosses as bits, eight to a byte.
 
-Why: Inductor's C++ backend stores and loads bool tensors through a slow masked-vector path
-(measured here on 512k elements: a compare-and-store kernel took 3 ms writing bool and 0.06 ms
-writing uint8 through float; a `where` took 1.06 ms reading a bool mask and 0.06 ms reading
-uint8 through float). Once memsave stops the backward from reading a ReLU's output, the
-partitioner saves the ReLU's mask instead, and CPU forward steps got ~50% slower for it.
-Bytes and bools are the same size, so the saved bytes do not change.
+The packing is plain float arithmetic (a weighted sum of 0/1 groups of eight, and floor
+division to unpack, exact below 256), which Inductor fuses into the neighbouring kernels on
+CPU and GPU. Float also sidesteps Inductor's C++ bool path, which is slow (measured here on
+512k elements: a compare-and-store kernel took 3 ms writing bool, 0.06 ms writing uint8
+through float; a `where` took 1.06 ms reading bool, 0.06 ms reading uint8 through float).
 """
 
 from __future__ import annotations
@@ -22,18 +21,20 @@ import torch
 import torch.fx as fx
 from torch._functorch._aot_autograd.descriptors import SavedForBackwardsAOTOutput
 from torch._functorch.partitioners import min_cut_rematerialization_partition
-from torch._guards import detect_fake_mode
 from torch._inductor.custom_graph_pass import CustomPartitionerFn
 
 from .config import MemsaveConfig
+from .passes.base import insert_call
 
 aten = torch.ops.aten
 prims = torch.ops.prims
 log = logging.getLogger(__name__)
 
+_BITS = 8
+
 
 class MemsavePartitioner(CustomPartitionerFn):
-    """Inductor's `custom_partitioner_fn`: the min-cut partitioner, then `store_saved_masks_as_bytes`."""
+    """Inductor's `custom_partitioner_fn`: the min-cut partitioner, then `pack_saved_masks`."""
 
     def __init__(self, config: MemsaveConfig, uuid: str) -> None:
         self.config = config
@@ -43,7 +44,7 @@ class MemsavePartitioner(CustomPartitionerFn):
         self, gm: fx.GraphModule, joint_inputs: Sequence[object], **kwargs: Any
     ) -> tuple[fx.GraphModule, fx.GraphModule]:
         forward, backward = min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
-        if store_saved_masks_as_bytes(forward, backward):
+        if self.config.exact_compression and pack_saved_masks(forward, backward):
             forward.recompile()
             backward.recompile()
         return forward, backward
@@ -52,53 +53,85 @@ class MemsavePartitioner(CustomPartitionerFn):
         return self._uuid
 
 
-def store_saved_masks_as_bytes(forward: fx.GraphModule, backward: fx.GraphModule) -> int:
-    """Save every bool tensor the forward hands to the backward as uint8; return how many."""
+def pack_saved_masks(forward: fx.GraphModule, backward: fx.GraphModule) -> int:
+    """Save every bool tensor the forward hands to the backward at one bit per element."""
     output = forward.graph.output_node()
     outputs = list(output.args[0])
     descs = output.meta.get("desc") or [None] * len(outputs)
     backward_inputs = {node.name: node for node in backward.graph.find_nodes(op="placeholder")}
-    converted = 0
+    first_computation = next(n for n in backward.graph.nodes if n.op != "placeholder")
+    packed_count = 0
     for position, (saved, desc) in enumerate(zip(outputs, descs)):
-        if not isinstance(desc, SavedForBackwardsAOTOutput) or not _is_bool_tensor(saved):
+        if not isinstance(desc, SavedForBackwardsAOTOutput) or not _is_static_bool_tensor(saved):
             continue
         received = backward_inputs.get(saved.name)
-        if received is None or not _is_bool_tensor(received):
+        if received is None or not _is_static_bool_tensor(received):
             continue
-        with forward.graph.inserting_before(output):
-            # Through float: Inductor vectorises float -> uint8, not bool -> uint8.
-            as_float = forward.graph.call_function(prims.convert_element_type.default, (saved, torch.float32))
-            as_bytes = forward.graph.call_function(prims.convert_element_type.default, (as_float, torch.uint8))
-        _set_value(as_float, saved.meta["val"], torch.float32)
-        _set_value(as_bytes, saved.meta["val"], torch.uint8)
-        outputs[position] = as_bytes
-
-        _set_value(received, received.meta["val"], torch.uint8)
-        # Through float again: a uint8 -> bool load is as slow as the bool store.
-        with backward.graph.inserting_after(_last_placeholder(backward.graph)):
-            received_float = backward.graph.call_function(prims.convert_element_type.default, (received, torch.float32))
-        with backward.graph.inserting_after(received_float):
-            as_bool = backward.graph.call_function(aten.ne.Scalar, (received_float, 0))
-        _set_value(received_float, received.meta["val"], torch.float32)
-        _set_value(as_bool, received.meta["val"], torch.bool)
-        received.replace_all_uses_with(as_bool, delete_user_cb=lambda user: user is not received_float)
-        converted += 1
-    if converted:
+        outputs[position] = _pack(forward.graph, saved, before=output)
+        unpacked = _unpack(backward.graph, received, saved.meta["val"], before=first_computation)
+        received.replace_all_uses_with(unpacked, delete_user_cb=lambda user: user.meta.get("memsave_unpack") is None)
+        packed_count += 1
+    if packed_count:
         output.args = (tuple(outputs), *output.args[1:])
-        log.debug("saved %d boolean masks as uint8", converted)
-    return converted
+        log.debug("packed %d saved boolean masks to 1 bit per element", packed_count)
+    return packed_count
 
 
-def _is_bool_tensor(node: object) -> bool:
+def _pack(graph: fx.Graph, mask: fx.Node, *, before: fx.Node) -> fx.Node:
+    def call(target, *args, **kwargs):
+        return insert_call(graph, target, args, kwargs, like=mask, before=before)
+
+    value = mask.meta["val"]
+    numel = value.numel()
+    # Pack in memory order, so that a channels-last mask streams instead of gathering.
+    in_memory_order = call(aten.permute.default, call(prims.convert_element_type.default, mask, torch.float32), _memory_order(value))
+    flat = call(aten.reshape.default, in_memory_order, [numel])
+    if numel % _BITS:
+        flat = call(aten.constant_pad_nd.default, flat, [0, -numel % _BITS], 0.0)
+    groups = call(aten.view.default, flat, [-1, _BITS])
+    # Unrolled rather than a weight vector: post-partition graphs take only ops Inductor lowers.
+    packed = call(aten.select.int, groups, 1, 0)
+    for bit in range(1, _BITS):
+        packed = call(aten.add.Tensor, packed, call(aten.mul.Tensor, call(aten.select.int, groups, 1, bit), 2.0**bit))
+    return call(prims.convert_element_type.default, packed, torch.uint8)
+
+
+def _unpack(graph: fx.Graph, packed: fx.Node, like: torch.Tensor, *, before: fx.Node) -> fx.Node:
+    numel = like.numel()
+    order = _memory_order(like)
+    with torch._guards.detect_fake_mode([packed.meta["val"]]):
+        packed.meta["val"] = packed.meta["val"].new_empty([-(-numel // _BITS)], dtype=torch.uint8)
+    packed.meta.pop("tensor_meta", None)
+
+    def call(target, *args, **kwargs):
+        node = insert_call(graph, target, args, kwargs, like=before)
+        node.meta["memsave_unpack"] = True
+        return node
+
+    as_float = call(prims.convert_element_type.default, packed, torch.float32)
+    # Scaling by powers of two and flooring is exact: bit k = floor(x / 2^k) - 2 floor(x / 2^(k+1)).
+    floors = [call(aten.floor.default, call(aten.mul.Tensor, as_float, 2.0**-k)) for k in range(_BITS + 1)]
+    bits = [
+        call(aten.unsqueeze.default, call(aten.sub.Tensor, floors[k], call(aten.mul.Tensor, floors[k + 1], 2.0)), 1)
+        for k in range(_BITS)
+    ]
+    flat = call(aten.view.default, call(aten.cat.default, bits, 1), [-1])
+    if flat.meta["val"].numel() != numel:
+        flat = call(aten.slice.Tensor, flat, 0, 0, numel)
+    in_memory_order = call(aten.view.default, flat, [like.shape[d] for d in order])
+    inverse = sorted(range(len(order)), key=order.__getitem__)
+    return call(aten.ne.Scalar, call(aten.permute.default, in_memory_order, inverse), 0.0)
+
+
+def _memory_order(value: torch.Tensor) -> list[int]:
+    """The dims from outermost to innermost in memory (a permutation making `value` contiguous)."""
+    return sorted(range(value.dim()), key=lambda d: (-value.stride(d), d))
+
+
+def _is_static_bool_tensor(node: object) -> bool:
     value = node.meta.get("val") if isinstance(node, fx.Node) else None
-    return isinstance(value, torch.Tensor) and value.dtype == torch.bool
-
-
-def _set_value(node: fx.Node, like: torch.Tensor, dtype: torch.dtype) -> None:
-    with detect_fake_mode([like]):
-        node.meta["val"] = torch.empty_strided(like.shape, like.stride(), dtype=dtype, device=like.device)
-    node.meta.pop("tensor_meta", None)  # would describe the old dtype
-
-
-def _last_placeholder(graph: fx.Graph) -> fx.Node:
-    return list(graph.find_nodes(op="placeholder"))[-1]
+    return (
+        isinstance(value, torch.Tensor)
+        and value.dtype == torch.bool
+        and all(isinstance(s, int) for s in value.shape)
+    )

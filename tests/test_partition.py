@@ -1,10 +1,11 @@
+import pytest
 import torch
 from torch import nn
 from torch.autograd.graph import saved_tensors_hooks
 
 import memsave_fx
 
-from .utils import assert_grads_match_eager, saved_bytes_of
+from .utils import assert_grads_match, saved_bytes_of
 
 
 def frozen_relu_net():
@@ -36,9 +37,21 @@ def test_saved_masks_cross_as_bytes():
 
 def test_gradients_match_eager():
     model, inputs = frozen_relu_net()
-    assert_grads_match_eager(model, inputs, memsave_fx.backend())
+    assert_grads_match(model, inputs, memsave_fx.backend())
 
 
 def test_bytes_take_no_more_memory_than_bools():
     model, inputs = frozen_relu_net()
     assert saved_bytes_of(model, inputs, memsave_fx.backend()) < saved_bytes_of(model, inputs, "inductor")
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_odd_sizes_layouts_and_dtypes(dtype, channels_last):
+    # 2 x 8 x 5 x 7 = 560 mask bits after the first conv: 70 bytes; 3 x 5 = 15 per channel later.
+    model, _ = frozen_relu_net()
+    model = model.to(dtype)
+    x = torch.randn(2, 3, 9, 11, dtype=dtype)
+    if channels_last:
+        model, x = model.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
+    assert_grads_match(model, [x.requires_grad_()], memsave_fx.backend())

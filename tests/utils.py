@@ -41,11 +41,17 @@ def run_step(
     return grads, saved
 
 
-def assert_grads_match_eager(
-    model: torch.nn.Module, inputs: Sequence[torch.Tensor], backend: Any
+def assert_grads_match(
+    model: torch.nn.Module,
+    inputs: Sequence[torch.Tensor],
+    backend: Any,
+    *,
+    reference: Any | None = None,
+    tolerance: float | None = None,
 ) -> tuple[int, int]:
-    """Compare gradients of `backend` with eager PyTorch on deep copies; return (saved, eager saved)."""
-    expected, eager_saved = run_step(copy.deepcopy(model), clone_inputs(inputs), None)
+    """Compare gradients of `backend` with those of `reference` (eager PyTorch by default) on
+    deep copies; return both runs' saved bytes."""
+    expected, reference_saved = run_step(copy.deepcopy(model), clone_inputs(inputs), reference)
     actual, saved = run_step(copy.deepcopy(model), clone_inputs(inputs), backend)
     assert expected, "nothing requires grad: the test would check nothing"
     assert actual.keys() == expected.keys()
@@ -56,8 +62,9 @@ def assert_grads_match_eager(
         assert got is not None and want is not None, name
         assert got.shape == want.shape and got.dtype == want.dtype, name
         error = (got.double() - want.double()).abs().max().item() / scale
-        assert error <= TOLERANCE[dtype], f"{name}: error {error:.3g} x max|grad| > {TOLERANCE[dtype]}"
-    return saved, eager_saved
+        limit = tolerance if tolerance is not None else TOLERANCE[dtype]
+        assert error <= limit, f"{name}: error {error:.3g} x max|grad| > {limit}"
+    return saved, reference_saved
 
 
 def joint_graph(model: torch.nn.Module, *inputs: torch.Tensor) -> fx.GraphModule:

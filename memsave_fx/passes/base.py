@@ -39,10 +39,12 @@ def insert_call(
     kwargs: dict[str, Any] | None = None,
     *,
     like: fx.Node,
+    before: fx.Node | None = None,
 ) -> fx.Node:
-    """Insert `target(*args, **kwargs)` before `like`, with a fake `meta["val"]` and `like`'s tags."""
+    """Insert `target(*args, **kwargs)` before `before` (default: `like`), with a fake
+    `meta["val"]` and `like`'s tags."""
     kwargs = kwargs or {}
-    with graph.inserting_before(like):
+    with graph.inserting_before(before or like):
         node = graph.call_function(target, args, kwargs)
     fake_args, fake_kwargs = fx.node.map_arg((args, kwargs), lambda n: n.meta["val"])
     # Factory ops take no tensor, so the mode comes from the node being replaced.

@@ -8,7 +8,7 @@ import memsave_fx
 from memsave_fx.analysis import analyze_joint_graph
 from memsave_fx.passes import replace_eval_batch_norm_backward
 
-from ..utils import assert_grads_match_eager, graph_code, joint_graph, saved_bytes_of
+from ..utils import assert_grads_match, graph_code, joint_graph, saved_bytes_of
 
 BATCH_NORMS = {
     "1d": (nn.BatchNorm1d, (4, 6, 9)),
@@ -44,28 +44,28 @@ def make_case(dim, *, weight=False, bias=True, affine=True, dtype=torch.float32,
 def test_eval_frozen_affine_gradients_match_eager(dim, compiler):
     model, inputs = make_case(dim)
     backend = memsave_fx.backend(compiler=compiler)
-    assert_grads_match_eager(model, inputs, backend)
+    assert_grads_match(model, inputs, backend)
 
 
 @pytest.mark.parametrize("weight,bias", list(itertools.product([True, False], repeat=2)))
 def test_requires_grad_combinations_on_eager_compiler(weight, bias):
     model, inputs = make_case("2d", weight=weight, bias=bias)
     backend = memsave_fx.backend(compiler="eager")
-    assert_grads_match_eager(model, inputs, backend)
+    assert_grads_match(model, inputs, backend)
     rewrites = [r for r in backend.compiled[0].rewrites if r.pass_name == "replace_eval_batch_norm_backward"]
     assert bool(rewrites) == (not weight)
 
 
 def test_without_affine_parameters():
     model, inputs = make_case("2d", affine=False)
-    assert_grads_match_eager(model, inputs, memsave_fx.backend(compiler="eager"))
+    assert_grads_match(model, inputs, memsave_fx.backend(compiler="eager"))
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
 def test_dtypes_and_layouts(dtype, channels_last):
     model, inputs = make_case("2d", dtype=dtype, channels_last=channels_last)
-    assert_grads_match_eager(model, inputs, memsave_fx.backend(compiler="eager"))
+    assert_grads_match(model, inputs, memsave_fx.backend(compiler="eager"))
 
 
 @pytest.mark.parametrize("dim", BATCH_NORMS)

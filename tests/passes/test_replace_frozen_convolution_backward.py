@@ -8,7 +8,7 @@ import memsave_fx
 from memsave_fx.analysis import analyze_joint_graph
 from memsave_fx.passes import replace_frozen_convolution_backward
 
-from ..utils import assert_grads_match_eager, graph_code, joint_graph, saved_bytes_of
+from ..utils import assert_grads_match, graph_code, joint_graph, saved_bytes_of
 
 COMPILERS = ["inductor", "eager"]
 BASELINES = {"inductor": "inductor", "eager": "aot_eager"}
@@ -55,7 +55,7 @@ def make_case(name, *, weight=False, bias=True, input=True, dtype=torch.float32,
 def test_frozen_weight_gradients_match_eager(name, compiler):
     model, inputs = make_case(name)
     backend = memsave_fx.backend(compiler=compiler)
-    assert_grads_match_eager(model, inputs, backend)
+    assert_grads_match(model, inputs, backend)
     (graph,) = backend.compiled
     assert graph.released, f"no rewrite applied: {graph.rewrites}"
 
@@ -68,7 +68,7 @@ def test_frozen_weight_gradients_match_eager(name, compiler):
 def test_requires_grad_combinations(input, weight, bias, compiler):
     model, inputs = make_case("conv2d_strided_padded", input=input, weight=weight, bias=bias)
     backend = memsave_fx.backend(compiler=compiler)
-    assert_grads_match_eager(model, inputs, backend)
+    assert_grads_match(model, inputs, backend)
     (graph,) = backend.compiled
     conv_rewrites = [r for r in graph.rewrites if r.pass_name == "replace_frozen_convolution_backward"]
     assert bool(conv_rewrites) == (not weight), conv_rewrites
@@ -81,7 +81,7 @@ def test_dtypes_and_layouts(dtype, channels_last, compiler):
     model, inputs = make_case("conv2d_strided_padded", dtype=dtype, channels_last=channels_last)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    assert_grads_match_eager(model, inputs, memsave_fx.backend(compiler=compiler))
+    assert_grads_match(model, inputs, memsave_fx.backend(compiler=compiler))
 
 
 @pytest.mark.parametrize("compiler", COMPILERS)
@@ -109,7 +109,7 @@ def test_bias_only_gradient_keeps_no_activation():
     # Neither the input nor the weight needs a gradient: grad_bias is a sum of grad_output.
     model, inputs = make_case("conv2d_strided_padded", input=False)
     backend = memsave_fx.backend()
-    saved, _ = assert_grads_match_eager(model, inputs, backend)
+    saved, _ = assert_grads_match(model, inputs, backend)
     assert saved == 0
 
 
