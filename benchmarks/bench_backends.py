@@ -59,8 +59,9 @@ def measure_workload(name: str, steps: int, device: str, batch: int, image: int)
     # Steady state, interleaved so drift hits every backend alike.
     times = {backend: [] for backend in BACKENDS}
     peaks = {backend: [] for backend in BACKENDS}
-    for _ in range(steps):
-        for backend, run in runs.items():
+    for step in range(steps):
+        # Alternate the order each step, so that position effects cancel out.
+        for backend, run in (list(runs.items()) if step % 2 else list(runs.items())[::-1]):
             run["model"].zero_grad(set_to_none=True)
             if device == "cuda":
                 torch.cuda.reset_peak_memory_stats()

@@ -41,6 +41,7 @@ class CompiledGraph:
     # AOTAutograd's cache, since the pass does not run then.
     rewrites: list[Rewrite] | None = None
     has_backward: bool = False
+    packed_masks: int = 0  # boolean masks saved at 1 bit per element
 
     @property
     def released(self) -> list[str]:
@@ -93,7 +94,7 @@ class MemsaveBackend:
         inductor = torch._TorchCompileInductorWrapper(mode, inductor_options, dynamic=None)
         patches = {
             _JOINT_PASS_OPTION: joint_pass,
-            _PARTITIONER_OPTION: MemsavePartitioner(config, joint_pass.uuid()),
+            _PARTITIONER_OPTION: MemsavePartitioner(config, joint_pass.uuid(), record),
         }
         return inductor(gm, example_inputs, config_patches=patches)
 

@@ -23,6 +23,7 @@ from torch._functorch._aot_autograd.descriptors import SavedForBackwardsAOTOutpu
 from torch._functorch.partitioners import min_cut_rematerialization_partition
 from torch._inductor.custom_graph_pass import CustomPartitionerFn
 
+from .backend import CompiledGraph
 from .config import MemsaveConfig
 from .passes.base import insert_call
 
@@ -36,17 +37,21 @@ _BITS = 8
 class MemsavePartitioner(CustomPartitionerFn):
     """Inductor's `custom_partitioner_fn`: the min-cut partitioner, then `pack_saved_masks`."""
 
-    def __init__(self, config: MemsaveConfig, uuid: str) -> None:
+    def __init__(self, config: MemsaveConfig, uuid: str, record: CompiledGraph | None = None) -> None:
         self.config = config
         self._uuid = uuid
+        self.record = record
 
     def __call__(
         self, gm: fx.GraphModule, joint_inputs: Sequence[object], **kwargs: Any
     ) -> tuple[fx.GraphModule, fx.GraphModule]:
         forward, backward = min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
-        if self.config.exact_compression and pack_saved_masks(forward, backward):
+        packed = pack_saved_masks(forward, backward) if self.config.exact_compression else 0
+        if packed:
             forward.recompile()
             backward.recompile()
+        if self.record is not None:
+            self.record.packed_masks += packed
         return forward, backward
 
     def uuid(self) -> str:

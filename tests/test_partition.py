@@ -29,10 +29,19 @@ def saved_dtypes(model, inputs, backend):
     return dtypes
 
 
-def test_saved_masks_cross_as_bytes():
+def test_saved_masks_cross_as_bits():
     model, inputs = frozen_relu_net()
-    dtypes = saved_dtypes(model, inputs, memsave_fx.backend())
+    backend = memsave_fx.backend()
+    dtypes = saved_dtypes(model, inputs, backend)
     assert torch.uint8 in dtypes and torch.bool not in dtypes
+    assert backend.compiled[0].packed_masks == 2
+
+
+def test_exact_compression_off_keeps_bool_masks():
+    model, inputs = frozen_relu_net()
+    backend = memsave_fx.backend(exact_compression=False)
+    assert torch.bool in saved_dtypes(model, inputs, backend)
+    assert backend.compiled[0].packed_masks == 0
 
 
 def test_gradients_match_eager():
