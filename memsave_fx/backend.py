@@ -76,6 +76,11 @@ class MemsaveBackend:
                     f"option {reserved!r} is reserved for memsave's own passes; "
                     f"valid memsave options: {', '.join(sorted(MemsaveConfig.option_names()))}"
                 )
+        if config.compiler == "eager" and (mode not in (None, "default") or inductor_options):
+            raise ValueError(
+                "compiler='eager' generates no code, so it takes no Inductor mode or "
+                f"options; got mode={mode!r}, options={sorted(inductor_options)}"
+            )
         record = CompiledGraph(len(self.compiled), config, len(gm.graph.nodes))
         self.compiled.append(record)
         # Imported here: Inductor's modules are heavy, and `import memsave_fx` stays lean.
@@ -84,11 +89,6 @@ class MemsaveBackend:
 
         joint_pass = MemsavePass(config, record, _input_names(gm))
         if config.compiler == "eager":
-            if mode not in (None, "default") or inductor_options:
-                raise ValueError(
-                    "compiler='eager' generates no code, so it takes no Inductor mode or "
-                    f"options; got mode={mode!r}, options={sorted(inductor_options)}"
-                )
             return _compile_eager(gm, example_inputs, joint_pass)
         # Inductor's own wrapper validates the remaining options and expands `mode`.
         inductor = torch._TorchCompileInductorWrapper(mode, inductor_options, dynamic=None)
@@ -105,6 +105,8 @@ def _input_names(gm: fx.GraphModule) -> list[str]:
     for node in gm.graph.find_nodes(op="placeholder"):
         source = getattr(node.meta.get("grapharg"), "source", None)
         source_name = source.name if source is not None else node.name
+        if callable(source_name):  # a method, not a property, in some torch versions
+            source_name = source_name()
         attributes = re.findall(r"_(?:modules|parameters|buffers)\['([^']+)'\]", source_name)
         names.append(".".join(attributes) if attributes else source_name)
     return names
