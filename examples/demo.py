@@ -51,11 +51,12 @@ def main() -> None:
         torch._dynamo.reset()
         results[name] = step(copy.deepcopy(model), backend, x, target)
 
-    print("\nwhat memsave stopped keeping for backward (per compiled graph):")
+    print("\nwhat memsave changed in what is kept for backward (per compiled graph):")
     for graph in memsave.compiled:
         for rewrite in graph.rewrites or ():
-            status = "dropped" if rewrite.applied else "kept   "
-            print(f"  graph {graph.index}: {status} {rewrite.reason}")
+            status = "applied: " if rewrite.applied else "declined:"
+            print(f"  graph {graph.index} {status} {rewrite.reason}")
+        print(f"  graph {graph.index} applied:  {graph.packed_masks} saved boolean masks packed at 1 bit per element")
 
     print("\nsaved activations, one training step:")
     for name, (saved, _, seconds) in results.items():

@@ -108,7 +108,8 @@ def _input_names(gm: fx.GraphModule) -> list[str]:
         if callable(source_name):  # a method, not a property, in some torch versions
             source_name = source_name()
         attributes = re.findall(r"_(?:modules|parameters|buffers)\['([^']+)'\]", source_name)
-        names.append(".".join(attributes) if attributes else source_name)
+        # L['args'][0] -> args[0]: Dynamo's local-variable quoting says nothing to users.
+        names.append(".".join(attributes) if attributes else re.sub(r"^L\['(\w+)'\]", r"\1", source_name))
     return names
 
 
