@@ -86,6 +86,20 @@ def graph_code(gm: fx.GraphModule) -> str:
     return gm.code
 
 
+def assert_pass_leaves_graph_unchanged(
+    rewrite_pass: Any, model: torch.nn.Module, inputs: Sequence[torch.Tensor], config: Any = None
+) -> None:
+    """Run one pass over `model`'s analysed joint graph: it must record nothing and change nothing."""
+    from memsave_fx import MemsaveConfig
+    from memsave_fx.analysis import analyze_joint_graph
+
+    gm = joint_graph(model, *inputs)
+    before = graph_code(gm)
+    analyze_joint_graph(gm.graph)
+    assert rewrite_pass(gm.graph, config or MemsaveConfig()) == []
+    assert graph_code(gm) == before
+
+
 def saved_bytes_of(model: torch.nn.Module, inputs: Sequence[torch.Tensor], backend: Any) -> int:
     fn: Callable[..., Any] = torch.compile(model, backend=backend)
     _, saved = saved_activation_bytes(fn, *inputs, exclude=[*model.parameters(), *model.buffers()])

@@ -4,10 +4,9 @@ from torch import nn
 from torch.autograd.graph import saved_tensors_hooks
 
 import memsave_fx
-from memsave_fx.analysis import analyze_joint_graph
 from memsave_fx.passes import flatten_saved_conv_inputs
 
-from ..utils import assert_grads_match, graph_code, joint_graph, saved_bytes_of
+from ..utils import assert_grads_match, assert_pass_leaves_graph_unchanged, saved_bytes_of
 
 
 def make_case(frozen=True):
@@ -59,17 +58,9 @@ def test_exact_compression_off_keeps_stock_copies():
 )
 def test_leaves_graph_unchanged_when_off(config):
     model, inputs = make_case()
-    gm = joint_graph(model, *inputs)
-    before = graph_code(gm)
-    analyze_joint_graph(gm.graph)
-    assert flatten_saved_conv_inputs(gm.graph, config) == []
-    assert graph_code(gm) == before
+    assert_pass_leaves_graph_unchanged(flatten_saved_conv_inputs, model, inputs, config)
 
 
 def test_leaves_graph_unchanged_without_convolutions():
     model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
-    gm = joint_graph(model, torch.randn(3, 2, 2, 4, requires_grad=True))
-    before = graph_code(gm)
-    analyze_joint_graph(gm.graph)
-    assert flatten_saved_conv_inputs(gm.graph, memsave_fx.MemsaveConfig()) == []
-    assert graph_code(gm) == before
+    assert_pass_leaves_graph_unchanged(flatten_saved_conv_inputs, model, [torch.randn(3, 2, 2, 4, requires_grad=True)])

@@ -5,10 +5,9 @@ import torch
 from torch import nn
 
 import memsave_fx
-from memsave_fx.analysis import analyze_joint_graph
 from memsave_fx.passes import replace_eval_batch_norm_backward
 
-from ..utils import assert_grads_match, graph_code, joint_graph, saved_bytes_of
+from ..utils import assert_grads_match, assert_pass_leaves_graph_unchanged, saved_bytes_of
 
 BATCH_NORMS = {
     "1d": (nn.BatchNorm1d, (4, 6, 9)),
@@ -78,17 +77,9 @@ def test_eager_compiler_drops_the_input(dim):
 def test_train_mode_leaves_graph_unchanged():
     model, inputs = make_case("2d")
     model.train()
-    gm = joint_graph(model, *inputs)
-    before = graph_code(gm)
-    analyze_joint_graph(gm.graph)
-    assert replace_eval_batch_norm_backward(gm.graph, memsave_fx.MemsaveConfig()) == []
-    assert graph_code(gm) == before
+    assert_pass_leaves_graph_unchanged(replace_eval_batch_norm_backward, model, inputs)
 
 
 def test_trainable_weight_leaves_graph_unchanged():
     model, inputs = make_case("2d", weight=True)
-    gm = joint_graph(model, *inputs)
-    before = graph_code(gm)
-    analyze_joint_graph(gm.graph)
-    assert replace_eval_batch_norm_backward(gm.graph, memsave_fx.MemsaveConfig()) == []
-    assert graph_code(gm) == before
+    assert_pass_leaves_graph_unchanged(replace_eval_batch_norm_backward, model, inputs)
