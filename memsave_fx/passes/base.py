@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import operator
 from collections.abc import Callable
 from typing import Any
 
@@ -27,6 +28,24 @@ class Rewrite:
 
 
 RewritePass = Callable[[fx.Graph, MemsaveConfig], list[Rewrite]]
+
+
+def output_users(node: fx.Node, live: frozenset[int]) -> dict[int, fx.Node] | None:
+    """The getitem users of a multi-output node, by output index; None when the node is used
+    otherwise, or when an output outside `live` still has users (replacing it would drop them)."""
+    users = {user.args[1]: user for user in node.users if user.target is operator.getitem}
+    if len(users) != len(node.users) or any(i not in live and u.users for i, u in users.items()):
+        return None
+    return users
+
+
+def replace_outputs(graph: fx.Graph, node: fx.Node, users: dict[int, fx.Node], replacements: dict[int, fx.Node]) -> None:
+    """Route each output of `node` to its replacement, then erase `node` and its getitems."""
+    for index, user in users.items():
+        if index in replacements:
+            user.replace_all_uses_with(replacements[index])
+        graph.erase_node(user)
+    graph.erase_node(node)
 
 # Copied onto new nodes so the partitioner places them and tools can attribute them.
 _INHERITED_META = ("partitioner_tag", "stack_trace", "seq_nr", "nn_module_stack", "fwd_nn_module_stack")

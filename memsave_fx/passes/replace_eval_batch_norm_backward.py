@@ -10,7 +10,6 @@ does not, so this pass spells the two gradients out.
 from __future__ import annotations
 
 import logging
-import operator
 
 import torch
 import torch.fx as fx
@@ -18,7 +17,7 @@ from torch._prims_common import get_computation_dtype
 
 from ..analysis import ARG_PURPOSES, LIVE_OUTPUTS, ReadPurpose, display_name
 from ..config import MemsaveConfig
-from .base import Rewrite, insert_call
+from .base import Rewrite, insert_call, output_users, replace_outputs
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -42,10 +41,8 @@ def _rewrite(graph: fx.Graph, node: fx.Node) -> Rewrite:
     (grad_out, bn_input, weight, _running_mean, running_var,
      _save_mean, _save_invstd, _train, eps, _output_mask) = node.args  # fmt: skip
     live = node.meta[LIVE_OUTPUTS]
-    users = {user.args[1]: user for user in node.users if user.target is operator.getitem}
-    if len(users) != len(node.users) or any(
-        index not in live and user.users for index, user in users.items()
-    ):
+    users = output_users(node, live)
+    if users is None:
         return Rewrite(
             replace_eval_batch_norm_backward.__name__, node.name, (), False,
             "an unrequested output of native_batch_norm_backward is still used",
@@ -83,11 +80,7 @@ def _rewrite(graph: fx.Graph, node: fx.Node) -> Rewrite:
             grad_bias = call(prims.convert_element_type.default, grad_bias, bias_dtype)
         replacements[_GRAD_BIAS] = grad_bias
 
-    for index, user in users.items():
-        if index in replacements:
-            user.replace_all_uses_with(replacements[index])
-        graph.erase_node(user)
-    graph.erase_node(node)
+    replace_outputs(graph, node, users, replacements)
     reader = f"the gradient of frozen {display_name(weight)}" if weight is not None else "no gradient"
     return Rewrite(
         replace_eval_batch_norm_backward.__name__,

@@ -13,7 +13,6 @@ forward to backward (pytorch issue 133566). The other two gradients do not need 
 from __future__ import annotations
 
 import logging
-import operator
 
 import torch
 import torch.fx as fx
@@ -21,7 +20,7 @@ from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from ..analysis import ARG_PURPOSES, LIVE_OUTPUTS, ReadPurpose, display_name
 from ..config import MemsaveConfig
-from .base import Rewrite, insert_call
+from .base import Rewrite, insert_call, output_users, replace_outputs
 
 aten = torch.ops.aten
 log = logging.getLogger(__name__)
@@ -48,10 +47,8 @@ def _rewrite(graph: fx.Graph, node: fx.Node) -> Rewrite:
     def declined(reason: str) -> Rewrite:
         return Rewrite(replace_frozen_convolution_backward.__name__, node.name, (), False, reason)
 
-    users = {user.args[1]: user for user in node.users if user.target is operator.getitem}
-    if len(users) != len(node.users) or any(
-        index not in live and user.users for index, user in users.items()
-    ):
+    users = output_users(node, live)
+    if users is None:
         return declined("an unrequested output of convolution_backward is still used")
 
     replacements: dict[int, fx.Node] = {}
@@ -73,11 +70,7 @@ def _rewrite(graph: fx.Graph, node: fx.Node) -> Rewrite:
             graph, aten.sum.dim_IntList, (grad_output, channel_free_dims), like=node
         )
 
-    for index, user in users.items():
-        if index in replacements:
-            user.replace_all_uses_with(replacements[index])
-        graph.erase_node(user)
-    graph.erase_node(node)
+    replace_outputs(graph, node, users, replacements)
     kind = "transposed conv" if transposed else "conv"
     return Rewrite(
         replace_frozen_convolution_backward.__name__,
