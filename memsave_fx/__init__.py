@@ -7,12 +7,16 @@ from ._version import __version__
 from .backend import CompiledGraph, MemsaveBackend, backend
 from .config import MemsaveConfig
 from .measure import saved_activation_bytes
+from .plan import MemoryPlan, SavedTensor, plan
 
 __all__ = [
     "CompiledGraph",
     "MemsaveBackend",
     "MemsaveConfig",
+    "MemoryPlan",
+    "SavedTensor",
     "__version__",
     "backend",
+    "plan",
     "saved_activation_bytes",
 ]

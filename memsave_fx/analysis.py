@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import operator
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.fx as fx
@@ -38,7 +38,41 @@ LIVE_OUTPUTS = "memsave_live_outputs"
 ARG_PURPOSES = "memsave_arg_purposes"
 BACKWARD_READS = "memsave_backward_reads"
 GRADIENT_OF = "memsave_gradient_of"  # on a primal placeholder: its gradient node, or None
-SOURCE_NAME = "memsave_source_name"  # on a primal placeholder: the parameter or input it holds
+SOURCE = "memsave_source"  # on a primal placeholder: the `GraphInput` it holds
+SAVED_AS = "memsave_saved_as"  # on a forward value saved in place of another: a `SavedAs`
+
+
+class InputKind(enum.Enum):
+    PARAMETER = "parameter"
+    BUFFER = "buffer"
+    INPUT = "input"  # anything the caller passes: the model's inputs, other tensors
+
+
+@dataclasses.dataclass(frozen=True)
+class GraphInput:
+    """A Dynamo graph input, named as users know it: "layer1.0.conv1.weight", "args[0]"."""
+
+    name: str
+    kind: InputKind
+
+
+class Decision(enum.Enum):
+    """What memsave does with a tensor stock compilation would keep for backward."""
+
+    KEPT = "kept"
+    DROPPED = "dropped"
+    COMPRESSED = "compressed"  # kept exactly, in fewer bytes
+    APPROXIMATED = "approximated"  # replaced by a lossy stand-in
+    SHARED = "shared"  # rebuilt from another kept tensor
+
+
+@dataclasses.dataclass(frozen=True)
+class SavedAs:
+    """Marks a saved forward value that stands in for `original` (a node name)."""
+
+    decision: Decision
+    original: str
+    reason: str
 
 
 class ReadPurpose(enum.Enum):
@@ -257,16 +291,18 @@ def analyze_joint_graph(graph: fx.Graph) -> JointGraphInfo | None:
 _STRENGTH = {ReadPurpose.METADATA: 0, ReadPurpose.UNREQUESTED: 1, ReadPurpose.GRADIENT: 2}
 
 
-def name_primals(graph: fx.Graph, input_names: list[str]) -> None:
-    """Record on each primal the name of the Dynamo graph input it holds ("layer1.0.conv1.weight")."""
+def name_primals(graph: fx.Graph, inputs: Sequence[GraphInput]) -> None:
+    """Record on each primal the Dynamo graph input it holds."""
     for primal in filter(is_primal, graph.find_nodes(op="placeholder")):
         index = getattr(primal.meta.get("desc"), "idx", None)
-        if index is not None and index < len(input_names):
-            primal.meta[SOURCE_NAME] = input_names[index]
+        if index is not None and index < len(inputs):
+            primal.meta[SOURCE] = inputs[index]
 
 
 def display_name(node: fx.Node) -> str:
-    return node.meta.get(SOURCE_NAME, node.name)
+    """A primal's parameter or input name ("layer1.0.conv1.weight"); other nodes' own names."""
+    source = node.meta.get(SOURCE)
+    return source.name if source is not None else node.name
 
 
 def needed_by_backward(node: fx.Node) -> bool:

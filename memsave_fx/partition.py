@@ -22,9 +22,11 @@ import torch.fx as fx
 from torch._functorch._aot_autograd.descriptors import SavedForBackwardsAOTOutput
 from torch._functorch.partitioners import min_cut_rematerialization_partition
 from torch._inductor.custom_graph_pass import CustomPartitionerFn
+from torch._inductor.output_code import OutputCode
 
+from .analysis import SAVED_AS, Decision, SavedAs
 from .backend import CompiledGraph
-from .config import MemsaveConfig
+from .memory import mark_layout_copies
 from .passes.base import insert_call
 
 aten = torch.ops.aten
@@ -35,27 +37,73 @@ _BITS = 8
 
 
 class MemsavePartitioner(CustomPartitionerFn):
-    """Inductor's `custom_partitioner_fn`: the min-cut partitioner, then `pack_saved_masks`."""
+    """Inductor's `custom_partitioner_fn`: the min-cut partitioner, then `pack_saved_masks`.
 
-    def __init__(self, config: MemsaveConfig, uuid: str, record: CompiledGraph | None = None) -> None:
-        self.config = config
+    `pack_masks=False` leaves the min-cut partition as it is (stock compilation, or a compiler
+    that does not fuse the packing arithmetic); `keep_graphs` records the graphs for a plan.
+    """
+
+    def __init__(
+        self, uuid: str, record: CompiledGraph | None = None, *, pack_masks: bool, keep_graphs: bool = False
+    ) -> None:
         self._uuid = uuid
         self.record = record
+        self.pack_masks = pack_masks
+        self.keep_graphs = keep_graphs
 
     def __call__(
         self, gm: fx.GraphModule, joint_inputs: Sequence[object], **kwargs: Any
     ) -> tuple[fx.GraphModule, fx.GraphModule]:
         forward, backward = min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
-        packed = pack_saved_masks(forward, backward) if self.config.exact_compression else 0
+        packed = pack_saved_masks(forward, backward) if self.pack_masks else 0
         if packed:
             forward.recompile()
             backward.recompile()
         if self.record is not None:
             self.record.packed_masks += packed
+            if self.keep_graphs:
+                self.record.forward, self.record.backward = forward, backward
         return forward, backward
 
     def uuid(self) -> str:
-        return self._uuid
+        return f"{self._uuid} pack_masks={self.pack_masks}"
+
+    def __deepcopy__(self, memo: dict[int, object]) -> MemsavePartitioner:
+        # Inductor copies its configuration, this partitioner included; a copy would record elsewhere.
+        return self
+
+
+class GraphWithoutCodegen(OutputCode):
+    """Inductor's compiled-graph interface over the graph itself, run as it is."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self.gm = gm
+        self._boxed_call = True
+
+    def __call__(self, inputs: list[Any]) -> Any:
+        arguments = list(inputs)
+        inputs.clear()  # the boxed convention: the callee owns its inputs
+        return self.gm(*arguments)
+
+    def post_compile(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def set_triton_bundle(self, triton_bundle: Any) -> None:
+        pass
+
+    def prepare_for_serialization(self) -> None:
+        raise NotImplementedError("a graph traced for a memory plan is not cached")
+
+
+def keep_graph_without_codegen(
+    record: CompiledGraph, gm: fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any
+) -> GraphWithoutCodegen:
+    """An `inner_compile` for `compile_fx` that generates no code and keeps the forward graph,
+    marked with what Inductor's lowering would copy (its configuration applies only here)."""
+    if not kwargs.get("is_backward"):
+        mark_layout_copies(gm)
+        record.forward = gm
+    return GraphWithoutCodegen(gm)
 
 
 def pack_saved_masks(forward: fx.GraphModule, backward: fx.GraphModule) -> int:
@@ -73,6 +121,9 @@ def pack_saved_masks(forward: fx.GraphModule, backward: fx.GraphModule) -> int:
         if received is None or not _is_static_bool_tensor(received):
             continue
         outputs[position] = _pack(forward.graph, saved, before=output)
+        outputs[position].meta[SAVED_AS] = SavedAs(
+            Decision.COMPRESSED, saved.name, "boolean mask packed at 1 bit per element"
+        )
         unpacked = _unpack(backward.graph, received, saved.meta["val"], before=first_computation)
         received.replace_all_uses_with(unpacked, delete_user_cb=lambda user: user.meta.get("memsave_unpack") is None)
         packed_count += 1
