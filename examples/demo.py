@@ -1,6 +1,7 @@
 """Compile a small CNN whose backbone is frozen with backend="memsave", and show what it saves.
 
     python examples/demo.py
+    memsave-fx plan examples.demo:workload --batch-size 32    # the plan alone, from the command line
 """
 
 import copy
@@ -30,6 +31,11 @@ def make_model() -> nn.Module:
     return model
 
 
+def workload(batch_size: int = 8, image: int = 64) -> tuple[nn.Module, torch.Tensor]:
+    """The demo's model and an input batch (a factory for `memsave-fx plan`)."""
+    return make_model(), torch.randn(batch_size, 3, image, image)
+
+
 def step(model: nn.Module, backend, x: torch.Tensor, target: torch.Tensor) -> tuple[int, dict, float]:
     fn = torch.compile(model, backend=backend) if backend else model
     start = time.perf_counter()
@@ -40,10 +46,14 @@ def step(model: nn.Module, backend, x: torch.Tensor, target: torch.Tensor) -> tu
 
 
 def main() -> None:
-    model = make_model()
-    x, target = torch.randn(8, 3, 64, 64), torch.randint(0, 10, (8,))
+    model, x = workload()
+    target = torch.randint(0, 10, (x.shape[0],))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"model: {sum(p.numel() for p in model.parameters())} parameters, {trainable} trainable")
+    print(f"model: {sum(p.numel() for p in model.parameters())} parameters, {trainable} trainable\n")
+
+    # The plan: computed on fake tensors, before anything runs.
+    plan = memsave_fx.plan(model, x)
+    print(plan.table(largest=8))
 
     memsave = memsave_fx.backend()
     results = {}
@@ -62,6 +72,9 @@ def main() -> None:
     for name, (saved, _, seconds) in results.items():
         ratio = saved / results["inductor"][0]
         print(f"  {name:9s} {saved / 2**20:7.2f} MiB  ({ratio:.2f}x inductor)  first step {seconds:.1f} s")
+
+    for name, predicted in (("memsave", plan.saved_bytes), ("inductor", plan.baseline_saved_bytes)):
+        print(f"  {name} measured {results[name][0]} bytes; the plan predicted {predicted}")
 
     eager_grads, memsave_grads = results["eager"][1], results["memsave"][1]
     worst = max((memsave_grads[n] - g).abs().max().item() / g.abs().max().item() for n, g in eager_grads.items())

@@ -29,7 +29,7 @@ from .analysis import SOURCE, InputKind, is_tangent
 
 aten = torch.ops.aten
 
-LAYOUT_COPY = "memsave_layout_copy"  # on a saved forward placeholder Inductor saves a copy of
+LAYOUT_COPY = "memsave_layout_copy"  # on an input or view Inductor copies to channels-last
 
 # Ops whose output shares its input's storage although their schemas do not say so.
 _STORAGE_SHARING_OPS = frozenset({aten._unsafe_view.default, aten._reshape_alias.default})
@@ -84,43 +84,53 @@ def storage_base(node: fx.Node) -> fx.Node:
 
 
 def saved_storages(forward: fx.GraphModule) -> list[SavedStorage]:
-    groups: dict[tuple[fx.Node, bool], list[fx.Node]] = {}
+    groups: dict[fx.Node, list[fx.Node]] = {}
     for node in saved_outputs(forward):
-        key = (node, True) if node.meta.get(LAYOUT_COPY) else (storage_base(node), False)
-        groups.setdefault(key, []).append(node)
+        groups.setdefault(storage_base(node), []).append(node)
     storages = []
-    for (base, layout_copy), nodes in groups.items():
-        if layout_copy:
-            nbytes = _dense_nbytes(base.meta["val"])
-        elif _is_parameter_or_buffer(base):
+    for base, nodes in groups.items():
+        layout_copy = bool(base.meta.get(LAYOUT_COPY))
+        if not layout_copy and _is_parameter_or_buffer(base):
             continue  # held by the module anyway; the hooks' definition leaves it out
-        else:
-            nbytes = _storage_nbytes(base.meta["val"])
-        storages.append(SavedStorage(base, tuple(nodes), nbytes, layout_copy))
+        storages.append(SavedStorage(base, tuple(nodes), allocation_nbytes(base), layout_copy))
     return storages
 
 
-def mark_layout_copies(forward: fx.GraphModule) -> None:
-    """Mark the saved graph inputs that Inductor's lowering will save as channels-last copies.
+def mark_layout_copies(gm: fx.GraphModule) -> None:
+    """Mark the graph inputs and views that Inductor's lowering copies to channels-last.
 
-    It applies Inductor's own decisions (`decide_layout_opt`, `find_nodes_prefer_channels_last`),
+    Under layout optimisation, Inductor gives dense 4-D values on the way to a convolution
+    channels-last strides. A computed value is simply laid out so; an input or a view is copied
+    where a convolution reads it, or where it is saved (then the copy is what is saved). This
+    applies Inductor's own decisions (`decide_layout_opt`, `find_nodes_prefer_channels_last`),
     so it must run under the configuration of the compilation.
     """
     from torch._inductor.graph import GraphLowering
 
-    if not GraphLowering.decide_layout_opt(forward, is_inference=False):
+    if not GraphLowering.decide_layout_opt(gm, is_inference=False):
         return
-    prefer_channels_last = GraphLowering.find_nodes_prefer_channels_last(types.SimpleNamespace(module=forward))
-    for node in saved_outputs(forward):
-        value = node.meta["val"]
+    prefer_channels_last = GraphLowering.find_nodes_prefer_channels_last(types.SimpleNamespace(module=gm))
+    saved = set(saved_outputs(gm)) if _has_saved_outputs(gm) else set()
+    convolution_arguments = {
+        argument
+        for conv in gm.graph.find_nodes(op="call_function", target=aten.convolution.default)
+        for argument in conv.args[:2]
+    }
+    for node in (saved & prefer_channels_last) | convolution_arguments:
+        value = node.meta.get("val") if isinstance(node, fx.Node) else None
         if (
-            node.op == "placeholder"
-            and node in prefer_channels_last
+            (node.op == "placeholder" or _viewed(node) is not None)
+            and isinstance(value, torch.Tensor)
             and value.dim() == 4
             and torch._prims_common.is_non_overlapping_and_dense_or_false(value)
             and not value.is_contiguous(memory_format=torch.channels_last)
         ):
             node.meta[LAYOUT_COPY] = True
+
+
+def _has_saved_outputs(gm: fx.GraphModule) -> bool:
+    output = gm.graph.output_node()
+    return isinstance(output.args[0], (tuple, list)) and bool(output.meta.get("desc"))
 
 
 def memory_timeline(forward: fx.GraphModule, backward: fx.GraphModule | None, *, fuses_pointwise: bool) -> Timeline:
@@ -131,19 +141,18 @@ def memory_timeline(forward: fx.GraphModule, backward: fx.GraphModule | None, *,
     the gradients it returned and the forward's outputs.
     """
     saved = saved_storages(forward)
-    copies = {storage.base: storage for storage in saved if storage.layout_copy}
     forward_steps = _walk(
         forward.graph,
         fuses_pointwise=fuses_pointwise,
-        start={storage: storage.nbytes for storage in copies.values()},
+        start={},
         kept=[*saved_outputs(forward), *user_outputs(forward)],
-        aliases=copies,
+        aliases={},
     )
     if backward is None:
         return Timeline(tuple(forward_steps), ())
     saved_bases = {storage.base for storage in saved}
     returned = {storage_base(node) for node in user_outputs(forward)} - saved_bases
-    returned_bytes = sum(_storage_nbytes(node.meta["val"]) for node in returned if node.op != "placeholder")
+    returned_bytes = sum(allocation_nbytes(node) for node in returned if node.op != "placeholder")
     # The backward receives each saved value as a placeholder of the same name. Saved graph
     # inputs (not copies) are the caller's tensors: already counted with the inputs.
     storage_of = {node.name: storage for storage in saved for node in storage.saved}
@@ -155,7 +164,7 @@ def memory_timeline(forward: fx.GraphModule, backward: fx.GraphModule | None, *,
             received[placeholder] = storage
             start[storage] = storage.nbytes
         elif is_tangent(placeholder) and _is_tensor(placeholder):
-            start[placeholder] = _storage_nbytes(placeholder.meta["val"])
+            start[placeholder] = allocation_nbytes(placeholder)
     backward_steps = _walk(
         backward.graph,
         fuses_pointwise=fuses_pointwise,
@@ -165,6 +174,16 @@ def memory_timeline(forward: fx.GraphModule, backward: fx.GraphModule | None, *,
         offset=returned_bytes,
     )
     return Timeline(tuple(forward_steps), tuple(backward_steps))
+
+
+def allocation_nbytes(node: fx.Node) -> int:
+    """The bytes `node`'s own allocation takes (a dense copy, for a layout copy)."""
+    value = node.meta.get("val")
+    if not isinstance(value, torch.Tensor):
+        return 0
+    if node.meta.get(LAYOUT_COPY):
+        return size_hint(value.numel()) * value.element_size()
+    return size_hint(value.untyped_storage().nbytes())
 
 
 def _walk(
@@ -185,7 +204,7 @@ def _walk(
 
     def storage_key(node: fx.Node) -> object:
         base = storage_base(node)
-        return aliases.get(base, base)
+        return base if base.meta.get(LAYOUT_COPY) else aliases.get(base, base)
 
     # Where each value is computed: a fused op runs inside the kernels of its consumers.
     computed_at: dict[fx.Node, int] = {}
@@ -211,7 +230,7 @@ def _walk(
     steps = []
     for i, node in enumerate(nodes):
         if node in materialized:
-            live[node] = _storage_nbytes(node.meta["val"])
+            live[node] = allocation_nbytes(node)
             total += live[node]
         steps.append(total)
         for key in frees.get(i, ()):
@@ -224,30 +243,71 @@ def _materialized(nodes: Iterable[fx.Node], fuses_pointwise: bool) -> set[fx.Nod
     materialized: set[fx.Node] = set()
     fusible_consumer: dict[fx.Node, bool] = {}
     for node in reversed(list(nodes)):
+        if node.meta.get(LAYOUT_COPY):
+            materialized.add(node)
         if node.op != "call_function":
             fusible_consumer[node] = False
             continue
-        tags = getattr(node.target, "tags", ())
         if _viewed(node) is not None:
             fusible_consumer[node] = all(fusible_consumer[u] for u in node.users)
             continue
-        fusible_consumer[node] = torch.Tag.pointwise in tags or torch.Tag.reduction in tags
+        inline = _computed_inline(node)
+        fusible_consumer[node] = inline or _fuses_its_inputs(node)
         if not _is_tensor(node) and node.target is not operator.getitem:
             continue  # a tuple of outputs: its getitems are the allocations
-        fused = (
-            fuses_pointwise
-            and torch.Tag.pointwise in tags
-            and bool(node.users)
-            and all(fusible_consumer[u] for u in node.users)
-        )
+        fused = fuses_pointwise and inline and bool(node.users) and all(fusible_consumer[u] for u in node.users)
         if not fused:
             materialized.add(node)
     return materialized
 
 
+# Ops Inductor lowers as pointwise computations although their schemas carry no pointwise
+# tag, and consumers that compute pointwise inputs inside their own kernels (by name, all
+# overloads: Inductor registers some of these ops only once it is imported).
+_INLINE_OPS = frozenset(
+    {
+        "aten::full",
+        "aten::scalar_tensor",
+        "aten::arange",
+        "prims::iota",
+        "prims::_low_memory_max_pool_offsets_to_indices",
+        "aten::constant_pad_nd",
+        "aten::index",
+        "aten::gather",
+    }
+)
+_INPUT_FUSING_OPS = frozenset(
+    {
+        "aten::cat",
+        "aten::scatter",
+        "aten::scatter_add",
+        "aten::index_put",
+        "aten::slice_scatter",
+        "aten::select_scatter",
+    }
+)
+_MAX_POINTWISE_CAT_INPUTS = 8  # Inductor's max_pointwise_cat_inputs: a cat of more is a buffer
+
+
+def _op_name(target: object) -> str:
+    if isinstance(target, torch._ops.OpOverload):
+        return f"{target.namespace}::{target._opname}"
+    return ""
+
+
+def _computed_inline(node: fx.Node) -> bool:
+    if node.target is aten.cat.default:
+        return len(node.args[0]) <= _MAX_POINTWISE_CAT_INPUTS
+    return torch.Tag.pointwise in getattr(node.target, "tags", ()) or _op_name(node.target) in _INLINE_OPS
+
+
+def _fuses_its_inputs(node: fx.Node) -> bool:
+    return torch.Tag.reduction in getattr(node.target, "tags", ()) or _op_name(node.target) in _INPUT_FUSING_OPS
+
+
 def _viewed(node: fx.Node) -> fx.Node | None:
-    """The node whose storage `node` is a view of, or None."""
-    if node.op != "call_function":
+    """The node whose storage `node` is a view of, or None (also for a copy Inductor makes)."""
+    if node.op != "call_function" or node.meta.get(LAYOUT_COPY):
         return None
     target = node.target
     if target is operator.getitem:
@@ -275,16 +335,6 @@ def _is_tensor(node: object) -> bool:
 def _is_parameter_or_buffer(node: fx.Node) -> bool:
     source = node.meta.get(SOURCE)
     return node.op == "placeholder" and source is not None and source.kind is not InputKind.INPUT
-
-
-def _storage_nbytes(value: object) -> int:
-    if not isinstance(value, torch.Tensor):
-        return 0
-    return size_hint(value.untyped_storage().nbytes())
-
-
-def _dense_nbytes(value: torch.Tensor) -> int:
-    return size_hint(value.numel()) * value.element_size()
 
 
 def size_hint(value: int | torch.SymInt) -> int:

@@ -40,7 +40,8 @@ class MemsavePartitioner(CustomPartitionerFn):
     """Inductor's `custom_partitioner_fn`: the min-cut partitioner, then `pack_saved_masks`.
 
     `pack_masks=False` leaves the min-cut partition as it is (stock compilation, or a compiler
-    that does not fuse the packing arithmetic); `keep_graphs` records the graphs for a plan.
+    that does not fuse the packing arithmetic). `keep_graphs` records the graphs for a plan,
+    marked with the copies Inductor's lowering makes (its configuration applies only here).
     """
 
     def __init__(
@@ -62,6 +63,8 @@ class MemsavePartitioner(CustomPartitionerFn):
         if self.record is not None:
             self.record.packed_masks += packed
             if self.keep_graphs:
+                mark_layout_copies(forward)
+                mark_layout_copies(backward)
                 self.record.forward, self.record.backward = forward, backward
         return forward, backward
 
@@ -98,9 +101,9 @@ class GraphWithoutCodegen(OutputCode):
 def keep_graph_without_codegen(
     record: CompiledGraph, gm: fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any
 ) -> GraphWithoutCodegen:
-    """An `inner_compile` for `compile_fx` that generates no code and keeps the forward graph,
-    marked with what Inductor's lowering would copy (its configuration applies only here)."""
-    if not kwargs.get("is_backward"):
+    """An `inner_compile` for `compile_fx` that generates no code. It keeps an inference graph;
+    the partitioner keeps a training graph's forward and backward."""
+    if kwargs.get("is_inference"):
         mark_layout_copies(gm)
         record.forward = gm
     return GraphWithoutCodegen(gm)

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
+import inspect
 import json
 import re
+import types
 from collections import defaultdict, deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -148,15 +151,22 @@ class MemoryPlan:
         for module, (kept, baseline) in self.by_module().items():
             lines.append("  " + _row(module or "(model)", baseline, kept, width=40))
         lines += ["", f"largest saved tensors ({min(largest, len(self.tensors))} of {len(self.tensors)}):"]
-        header = f"  {'name':28}{'module':28}{'op':18}{'shape':20}{'dtype':10}{'baseline':>11}{'memsave':>11}  decision: reason"
-        lines.append(header)
-        ordered = sorted(self.tensors, key=lambda t: -max(t.baseline_nbytes, t.nbytes))
-        for t in ordered[:largest]:
-            shape = "x".join(map(str, t.shape)) or "scalar"
+        ordered = sorted(self.tensors, key=lambda t: -max(t.baseline_nbytes, t.nbytes))[:largest]
+        columns = [
+            ("name", [t.name for t in ordered], 44),
+            ("module", [t.module or "(model)" for t in ordered], 36),
+            ("op", [t.op for t in ordered], 20),
+            ("shape", ["x".join(map(str, t.shape)) or "scalar" for t in ordered], 20),
+            ("dtype", [str(t.dtype).removeprefix("torch.") for t in ordered], 9),
+        ]
+        widths = [min(cap, max(len(title), *map(len, cells))) + 2 for title, cells, cap in columns]
+        header = "".join(f"{title:{w}}" for (title, _, _), w in zip(columns, widths))
+        lines.append(f"  {header}{'baseline':>11}{'memsave':>11}  decision: reason")
+        for i, t in enumerate(ordered):
+            cells = "".join(f"{_clip(column[i], w - 2):{w}}" for (_, column, _), w in zip(columns, widths))
             lines.append(
-                f"  {_clip(t.name, 27):28}{_clip(t.module or '(model)', 27):28}{_clip(t.op, 17):18}"
-                f"{_clip(shape, 19):20}{str(t.dtype).removeprefix('torch.'):10}"
-                f"{_format_bytes(t.baseline_nbytes):>11}{_format_bytes(t.nbytes):>11}  {t.decision.value}: {t.reason}"
+                f"  {cells}{_format_bytes(t.baseline_nbytes):>11}{_format_bytes(t.nbytes):>11}  "
+                f"{t.decision.value}: {t.reason}"
             )
         return "\n".join(lines)
 
@@ -205,66 +215,97 @@ def plan(model: nn.Module, *args: Any, options: dict[str, Any] | None = None, **
     """What `torch.compile(model, backend="memsave", options=options)` keeps for backward in a
     step on `model(*args, **kwargs)`, against stock compilation, computed on fake tensors.
 
-    Nothing runs on real data: the parameters (also on the meta device) and inputs are replaced
-    by fake tensors of the same shape, dtype, device and `requires_grad`.
+    Nothing runs on real data: the parameters and inputs are replaced by fake tensors of the
+    same shape, dtype, device and `requires_grad`. Meta-device tensors are planned as CPU tensors.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"plan takes an nn.Module, got {type(model).__name__}")
     overrides, _ = MemsaveConfig.split_options(options)
     backend = MemsaveBackend(MemsaveConfig(**overrides), generate_code=False)
-    fake_mode = torch._subclasses.fake_tensor.FakeTensorMode()
-    fake_model = _fake_copy(model, fake_mode)
-    fake_args, fake_kwargs = pytree.tree_map_only(torch.Tensor, fake_mode.from_tensor, (args, kwargs))
-    compiled = torch.compile(fake_model, backend=backend, options=options)
+    # Tensors the model creates itself (caches, masks) are faked as they meet the mode.
+    fake_mode = torch._subclasses.fake_tensor.FakeTensorMode(allow_non_fake_inputs=True)
+    fake = functools.partial(_fake, fake_mode)
+    fake_model = _fake_copy(model, fake)
+    fake_args, fake_kwargs = pytree.tree_map_only(torch.Tensor, fake, (args, kwargs))
+    compiled = torch.compile(_fresh_copy(_call), backend=backend, options=options, **_ISOLATED)
     # A cache hit would skip the passes and the partitioner, which record the graphs.
     with fake_mode, torch._functorch.config.patch(enable_autograd_cache=False):
-        compiled(*fake_args, **fake_kwargs)
+        compiled(fake_model, fake_args, fake_kwargs)
     if not backend.compiled:
         raise RuntimeError(f"torch.compile captured no graph from {type(model).__name__}: there is nothing to plan")
     baseline = [graph._trace(False) for graph in backend.compiled]
     return MemoryPlan.from_graphs(backend.compiled, baseline)
 
 
-def _fake_copy(model: nn.Module, fake_mode: torch._subclasses.fake_tensor.FakeTensorMode) -> nn.Module:
+def _call(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    return model(*args, **kwargs)
+
+
+def _fresh_copy(function: types.FunctionType) -> types.FunctionType:
+    """`function` with a code object of its own. Dynamo keeps what it compiled on code
+    objects; a plan's entries then die with the copy instead of filling the recompile limit
+    of the code the user compiles."""
+    return types.FunctionType(function.__code__.replace(), function.__globals__, function.__name__)
+
+
+# The model's own frames (after a graph break) keep entries too: a region of their own keeps
+# them out of the user's recompile limit (torch >= 2.13).
+_ISOLATED = {"isolate_recompiles": True} if "isolate_recompiles" in inspect.signature(torch.compile).parameters else {}
+
+
+def _fake(fake_mode: torch._subclasses.fake_tensor.FakeTensorMode, tensor: torch.Tensor) -> torch.Tensor:
+    """A fake tensor like `tensor`. Meta tensors become CPU tensors: the meta device has no
+    kernels to choose between (attention, convolution layouts), so its plan would be no one's."""
+    if tensor.device.type != "meta":
+        return fake_mode.from_tensor(tensor)
+    with fake_mode:
+        cpu = torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, device="cpu")
+    return cpu.requires_grad_(tensor.requires_grad)
+
+
+def _fake_copy(model: nn.Module, fake: Callable[[torch.Tensor], torch.Tensor]) -> nn.Module:
     """A deep copy of `model` whose tensors are fake; the real ones are never copied."""
     memo: dict[int, Any] = {}
     for module in model.modules():
         for parameter in module._parameters.values():
             if parameter is not None and id(parameter) not in memo:
-                memo[id(parameter)] = nn.Parameter(fake_mode.from_tensor(parameter), parameter.requires_grad)
+                memo[id(parameter)] = nn.Parameter(fake(parameter), parameter.requires_grad)
         for value in (*module._buffers.values(), *vars(module).values()):
             if isinstance(value, torch.Tensor) and id(value) not in memo:
-                memo[id(value)] = fake_mode.from_tensor(value)
+                memo[id(value)] = fake(value)
     return copy.deepcopy(model, memo)
 
 
 def _saved_tensors(memsave: CompiledGraph, baseline: CompiledGraph, graph: int) -> list[SavedTensor]:
-    """One row per storage either run keeps, matched by the node (or input) it holds."""
+    """One row per storage either run keeps, matched by the value it holds."""
     if memsave.backward is None:
         return []
     kept = {_identity(s): s for s in saved_storages(memsave.forward)}
     stock = {_identity(s): s for s in saved_storages(baseline.forward)} if baseline.backward is not None else {}
+    memsave_nodes = {node.name: node for node in memsave.forward.graph.nodes}
     why_released = _release_reasons(memsave)
     readers = _ReadersOf(memsave)
     rows = []
     for identity in [*stock, *(i for i in kept if i not in stock)]:
         ours, theirs = kept.get(identity), stock.get(identity)
-        described = theirs or ours
+        name, layout_copy = identity
         marked = next((n.meta[SAVED_AS] for n in ours.saved if SAVED_AS in n.meta), None) if ours else None
         if ours is None:
-            decision, reason = Decision.DROPPED, why_released.get(identity[0]) or _why_dropped(identity[0], memsave)
+            decision, reason = Decision.DROPPED, why_released.get(name) or _why_dropped(name, memsave)
         elif marked is not None:
             decision, reason = marked.decision, marked.reason
         else:
             decision, reason = Decision.KEPT, readers.describe(ours)
-            if theirs is None:
-                reason += " (stock compilation does not keep it)"
-        value = described.base.meta["val"]
+        if theirs is None:
+            reason += " (stock compilation does not keep it)"
+        # Described as the value it holds: a stand-in's original, a copy's source.
+        node = theirs.base if theirs else memsave_nodes.get(name, ours.base)
+        value = node.meta["val"]
         rows.append(
             SavedTensor(
-                name=_tensor_name(described),
-                module=_module_path(described.base),
-                op=_op_name(described),
+                name=f"{display_name(node)} (channels-last copy)" if layout_copy else display_name(node),
+                module=_module_path(node),
+                op=_op_name(node),
                 shape=tuple(size_hint(d) for d in value.shape),
                 dtype=value.dtype,
                 nbytes=ours.nbytes if ours else 0,
@@ -367,17 +408,11 @@ def _through_views(node: fx.Node) -> list[fx.Node]:
     return readers
 
 
-def _tensor_name(storage: SavedStorage) -> str:
-    name = display_name(storage.base)
-    return f"{name} (channels-last copy)" if storage.layout_copy else name
-
-
-def _op_name(storage: SavedStorage) -> str:
-    base = storage.base
-    if base.op == "placeholder":
-        source = base.meta.get(SOURCE)
-        return source.kind.value if source is not None else "input"
-    return _short_op(base)
+def _op_name(node: fx.Node) -> str:
+    if node.op == "placeholder":
+        source = node.meta.get(SOURCE)
+        return source.kind.value if source is not None else InputKind.INPUT.value
+    return _short_op(node)
 
 
 def _short_op(node: fx.Node) -> str:
