@@ -63,8 +63,23 @@ def convnext_bitfit(batch: int = 8, image: int = 128):
     return PooledOutput(model), [torch.randn(batch, 3, image, image)], "ConvNeXt, BitFit (biases only)"
 
 
+def vit_lora(batch: int = 8, image: int = 64):
+    """A small ViT with peft LoRA (rank 8) on the attention queries and values."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import ViTConfig, ViTModel
+
+    config = ViTConfig(
+        hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=512,
+        image_size=image, patch_size=8,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = get_peft_model(PooledOutput(ViTModel(config)), LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
+    return model, [torch.randn(batch, 3, image, image)], "ViT, LoRA on queries and values"
+
+
 WORKLOADS: dict[str, Workload] = {
     "resnet_stem": resnet_stem,
     "resnet_bitfit": resnet_bitfit,
     "convnext_bitfit": convnext_bitfit,
+    "vit_lora": vit_lora,
 }

@@ -159,7 +159,13 @@ def _compile(
     joint_pass = MemsavePass(config, record, rewrite=rewrite)
     # Packing pays off only where Inductor fuses the packing arithmetic into its kernels.
     pack_masks = rewrite and config.exact_compression and config.compiler == "inductor"
-    partitioner = MemsavePartitioner(joint_pass.uuid(), record, pack_masks=pack_masks, keep_graphs=not generate_code)
+    partitioner = MemsavePartitioner(
+        joint_pass.uuid(),
+        record,
+        pack_masks=pack_masks,
+        keep_graphs=not generate_code,
+        lowered_by_inductor=config.compiler == "inductor",
+    )
     if config.compiler == "eager":
         return _compile_eager(gm, example_inputs, joint_pass, partitioner)
     # Inductor's own wrapper validates the remaining options and expands `mode`.

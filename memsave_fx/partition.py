@@ -41,16 +41,24 @@ class MemsavePartitioner(CustomPartitionerFn):
 
     `pack_masks=False` leaves the min-cut partition as it is (stock compilation, or a compiler
     that does not fuse the packing arithmetic). `keep_graphs` records the graphs for a plan,
-    marked with the copies Inductor's lowering makes (its configuration applies only here).
+    marked with the copies Inductor's lowering makes, if `lowered_by_inductor` (Inductor's
+    configuration applies only here).
     """
 
     def __init__(
-        self, uuid: str, record: CompiledGraph | None = None, *, pack_masks: bool, keep_graphs: bool = False
+        self,
+        uuid: str,
+        record: CompiledGraph | None = None,
+        *,
+        pack_masks: bool,
+        keep_graphs: bool = False,
+        lowered_by_inductor: bool = True,
     ) -> None:
         self._uuid = uuid
         self.record = record
         self.pack_masks = pack_masks
         self.keep_graphs = keep_graphs
+        self.lowered_by_inductor = lowered_by_inductor
 
     def __call__(
         self, gm: fx.GraphModule, joint_inputs: Sequence[object], **kwargs: Any
@@ -62,9 +70,10 @@ class MemsavePartitioner(CustomPartitionerFn):
             backward.recompile()
         if self.record is not None:
             self.record.packed_masks += packed
-            if self.keep_graphs:
+            if self.keep_graphs and self.lowered_by_inductor:
                 mark_layout_copies(forward)
                 mark_layout_copies(backward)
+            if self.keep_graphs:
                 self.record.forward, self.record.backward = forward, backward
         return forward, backward
 
