@@ -180,22 +180,24 @@ class MemoryPlan:
 
         figure = Figure(figsize=(13, 5), layout="constrained")
         over_time, per_module = figure.subplots(1, 2, width_ratios=[3, 2])
+        highest = 0
         for timeline, label, color in (
             (self.baseline_timeline, f"baseline ({self.baseline})", "tab:gray"),
             (self.timeline, "memsave", "tab:blue"),
         ):
             x, y = _step_axis(timeline)
-            over_time.plot(x, [b / 2**20 for b in y], label=label, color=color)
-            peak = max(range(len(y)), key=y.__getitem__) if y else None
-            if peak is not None:
-                over_time.annotate(f"peak {_format_bytes(y[peak])}", (x[peak], y[peak] / 2**20), color=color,
-                                   textcoords="offset points", xytext=(0, 6), ha="center")  # fmt: skip
+            mib = [b / 2**20 for b in y]
+            over_time.plot(x, mib, label=f"{label}: peak {_format_bytes(max(y, default=0))}", color=color)
+            if y:
+                peak = max(range(len(y)), key=y.__getitem__)
+                over_time.plot([x[peak]], [mib[peak]], marker="o", color=color)
+                highest = max(highest, mib[peak])
         over_time.axvline(1.0, color="black", linewidth=0.8, linestyle=":")
         over_time.set_xticks([0, 0.5, 1, 1.5, 2], ["start", "forward", "", "backward", "end"])
         over_time.set_ylabel("live memory (MiB, estimated)")
         over_time.set_title("memory over one training step")
-        over_time.legend(loc="upper left")
-        over_time.set_ylim(bottom=0)
+        over_time.set_ylim(0, 1.25 * highest or 1)
+        over_time.legend(loc="upper right")
 
         top = list(self.by_module().items())[:modules]
         names = [module or "(model)" for module, _ in top][::-1]
