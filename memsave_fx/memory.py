@@ -7,11 +7,11 @@ and tracks the bytes alive after each op, each value freed after its last use.
 
 Two facts of Inductor's code generation change what is allocated, and the graphs alone do not
 show them, so they are modelled here:
-- a pointwise op whose consumers are all pointwise ops or reductions is fused into them, and
-  its output is never allocated;
-- under layout optimisation, a 4-D graph input that is saved for backward and that a
-  convolution reads is saved as a channels-last copy (`mark_layout_copies`, which must run
-  inside the compilation, where Inductor's configuration applies).
+- a pointwise op whose consumers all compute it inside their own kernels (pointwise ops,
+  reductions, scatters, concatenations) is fused into them, and its output is never allocated;
+- under layout optimisation, a 4-D input or view that a convolution reads, or that is saved,
+  is copied to channels-last (`mark_layout_copies`, which must run inside the compilation,
+  where Inductor's configuration applies).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ class SavedStorage:
     base: fx.Node  # the forward node that allocates it
     saved: tuple[fx.Node, ...]  # the saved values that live in it
     nbytes: int
-    layout_copy: bool  # a channels-last copy Inductor makes of the graph input `base`
+    layout_copy: bool  # a channels-last copy Inductor makes of `base`, an input or a view
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,7 +110,7 @@ def mark_layout_copies(gm: fx.GraphModule) -> None:
     if not GraphLowering.decide_layout_opt(gm, is_inference=False):
         return
     prefer_channels_last = GraphLowering.find_nodes_prefer_channels_last(types.SimpleNamespace(module=gm))
-    saved = set(saved_outputs(gm)) if _has_saved_outputs(gm) else set()
+    saved = set(saved_outputs(gm))
     convolution_arguments = {
         argument
         for conv in gm.graph.find_nodes(op="call_function", target=aten.convolution.default)
@@ -126,11 +126,6 @@ def mark_layout_copies(gm: fx.GraphModule) -> None:
             and not value.is_contiguous(memory_format=torch.channels_last)
         ):
             node.meta[LAYOUT_COPY] = True
-
-
-def _has_saved_outputs(gm: fx.GraphModule) -> bool:
-    output = gm.graph.output_node()
-    return isinstance(output.args[0], (tuple, list)) and bool(output.meta.get("desc"))
 
 
 def memory_timeline(forward: fx.GraphModule, backward: fx.GraphModule | None, *, fuses_pointwise: bool) -> Timeline:

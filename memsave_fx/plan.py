@@ -27,7 +27,6 @@ from torch import nn
 
 from .analysis import SAVED_AS, SOURCE, Decision, InputKind, display_name
 from .backend import CompiledGraph, MemsaveBackend
-from .config import MemsaveConfig
 from .memory import SavedStorage, Timeline, memory_timeline, saved_storages, size_hint, storage_base
 
 if TYPE_CHECKING:
@@ -222,8 +221,8 @@ def plan(model: nn.Module, *args: Any, options: dict[str, Any] | None = None, **
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"plan takes an nn.Module, got {type(model).__name__}")
-    overrides, _ = MemsaveConfig.split_options(options)
-    backend = MemsaveBackend(MemsaveConfig(**overrides), generate_code=False)
+    backend = MemsaveBackend(generate_code=False)  # takes `options` through torch.compile, as compiling does
+    backend._resolve(None, options)  # bad options fail here, not wrapped in Dynamo's compile error
     # Tensors the model creates itself (caches, masks) are faked as they meet the mode.
     fake_mode = torch._subclasses.fake_tensor.FakeTensorMode(allow_non_fake_inputs=True)
     fake = functools.partial(_fake, fake_mode)
