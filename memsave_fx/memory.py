@@ -90,7 +90,7 @@ def saved_storages(forward: fx.GraphModule) -> list[SavedStorage]:
     storages = []
     for base, nodes in groups.items():
         layout_copy = bool(base.meta.get(LAYOUT_COPY))
-        if not layout_copy and _is_parameter_or_buffer(base):
+        if not layout_copy and is_parameter_or_buffer(base):
             continue  # held by the module anyway; the hooks' definition leaves it out
         storages.append(SavedStorage(base, tuple(nodes), allocation_nbytes(base), layout_copy))
     return storages
@@ -327,7 +327,7 @@ def _is_tensor(node: object) -> bool:
     return isinstance(node, fx.Node) and isinstance(node.meta.get("val"), torch.Tensor)
 
 
-def _is_parameter_or_buffer(node: fx.Node) -> bool:
+def is_parameter_or_buffer(node: fx.Node) -> bool:
     source = node.meta.get(SOURCE)
     return node.op == "placeholder" and source is not None and source.kind is not InputKind.INPUT
 

@@ -27,7 +27,16 @@ from torch import nn
 
 from .analysis import SAVED_AS, SOURCE, Decision, InputKind, display_name
 from .backend import CompiledGraph, MemsaveBackend
-from .memory import SavedStorage, Timeline, memory_timeline, saved_storages, size_hint, storage_base
+from .memory import (
+    SavedStorage,
+    Timeline,
+    allocation_nbytes,
+    is_parameter_or_buffer,
+    memory_timeline,
+    saved_storages,
+    size_hint,
+    storage_base,
+)
 
 if TYPE_CHECKING:
     from os import PathLike
@@ -285,6 +294,7 @@ def _saved_tensors(memsave: CompiledGraph, baseline: CompiledGraph, graph: int) 
     stock = {_identity(s): s for s in saved_storages(baseline.forward)} if baseline.backward is not None else {}
     memsave_nodes = {node.name: node for node in memsave.forward.graph.nodes}
     why_released = _release_reasons(memsave)
+    recomputed = {node.name for node in memsave.backward.graph.nodes}
     readers = _ReadersOf(memsave)
     rows = []
     for identity in [*stock, *(i for i in kept if i not in stock)]:
@@ -292,7 +302,7 @@ def _saved_tensors(memsave: CompiledGraph, baseline: CompiledGraph, graph: int) 
         name, layout_copy = identity
         marked = next((n.meta[SAVED_AS] for n in ours.saved if SAVED_AS in n.meta), None) if ours else None
         if ours is None:
-            decision, reason = Decision.DROPPED, why_released.get(name) or _why_dropped(name, memsave)
+            decision, reason = Decision.DROPPED, why_released.get(name) or _why_dropped(name, recomputed)
         elif marked is not None:
             decision, reason = marked.decision, marked.reason
         else:
@@ -337,8 +347,8 @@ def _release_reasons(graph: CompiledGraph) -> dict[str, str]:
     return reasons
 
 
-def _why_dropped(name: str, memsave: CompiledGraph) -> str:
-    if any(node.name == name for node in memsave.backward.graph.nodes):
+def _why_dropped(name: str, backward_names: set[str]) -> str:
+    if name in backward_names:
         return "recomputed in backward: the partitioner found it cheaper than keeping it"
     return "no longer read by the backward"
 
@@ -460,9 +470,8 @@ def _input_bytes(graphs: Sequence[CompiledGraph]) -> tuple[int, int]:
             if not isinstance(value, torch.Tensor):
                 continue
             nbytes = size_hint(value.untyped_storage().nbytes())
-            source = node.meta.get(SOURCE)
-            if source is not None and source.kind is not InputKind.INPUT:
-                parameters[source.name] = nbytes
+            if is_parameter_or_buffer(node):
+                parameters[node.meta[SOURCE].name] = nbytes
             else:
                 inputs += nbytes
     return sum(parameters.values()), inputs
@@ -472,7 +481,7 @@ def _gradient_bytes(graph: CompiledGraph) -> int:
     if graph.backward is None:
         return 0
     gradients = graph.backward.graph.output_node().all_input_nodes
-    return sum(size_hint(g.meta["val"].untyped_storage().nbytes()) for g in {storage_base(n) for n in gradients})
+    return sum(allocation_nbytes(g) for g in {storage_base(n) for n in gradients})
 
 
 def _stack(timelines: list[Timeline], resident: int) -> Timeline:
