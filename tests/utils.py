@@ -26,12 +26,20 @@ def run_step(
     inputs: Sequence[torch.Tensor],
     backend: Any | None,
     target_seed: int = 0,
+    *,
+    prepare: Callable[[torch.nn.Module], Callable[..., Any]] | None = None,
 ) -> tuple[dict[str, torch.Tensor], int]:
-    """One forward/backward with a loss against a random target.
+    """One forward/backward with a loss against a random target, on `prepare(model)` if given,
+    else on `model` compiled with `backend` (eager PyTorch when None).
 
-    Returns the gradients of every trainable parameter and input, and the saved bytes.
+    Returns the gradients of every trainable parameter and input, and the saved bytes. The
+    random generator is seeded first, so that runs draw the same dropout masks.
     """
-    fn = torch.compile(model, backend=backend) if backend is not None else model
+    if prepare is not None:
+        fn = prepare(model)
+    else:
+        fn = torch.compile(model, backend=backend) if backend is not None else model
+    torch.manual_seed(target_seed)
     output, saved = saved_activation_bytes(fn, *inputs, exclude=[*model.parameters(), *model.buffers()])
     generator = torch.Generator().manual_seed(target_seed)
     target = torch.randn(output.shape, generator=generator, dtype=torch.float32).to(output.dtype)
@@ -48,11 +56,12 @@ def assert_grads_match(
     *,
     reference: Any | None = None,
     tolerance: float | None = None,
+    prepare: Callable[[torch.nn.Module], Callable[..., Any]] | None = None,
 ) -> tuple[int, int]:
-    """Compare gradients of `backend` with those of `reference` (eager PyTorch by default) on
-    deep copies; return both runs' saved bytes."""
+    """Compare gradients of `backend` (or of `prepare(model)`) with those of `reference`
+    (eager PyTorch by default) on deep copies; return both runs' saved bytes."""
     expected, reference_saved = run_step(copy.deepcopy(model), clone_inputs(inputs), reference)
-    actual, saved = run_step(copy.deepcopy(model), clone_inputs(inputs), backend)
+    actual, saved = run_step(copy.deepcopy(model), clone_inputs(inputs), backend, prepare=prepare)
     assert expected, "nothing requires grad: the test would check nothing"
     assert actual.keys() == expected.keys()
     scale = max(g.abs().max().item() for g in expected.values() if g is not None) or 1.0

@@ -37,15 +37,17 @@ class _MaskedActivation(torch.autograd.Function):
             elif activation is _Activation.LEAKY_RELU:
                 passes = input > 0
             elif activation is _Activation.HARDTANH:
-                passes = ~((input <= first) | (input >= second))
+                value = _comparable(input, first, second)
+                passes = ~((value <= first) | (value >= second))
             else:
-                passes = ~(input <= first)
+                passes = ~(_comparable(input, first) <= first)
             packed, ctx.layout = pack_mask(passes)
             ctx.save_for_backward(packed)
         ctx.activation, ctx.slope = activation, first
         output = _apply(input, activation, first, second, inplace)
         if inplace:
             ctx.mark_dirty(input)
+            return input  # the input object itself, as Dynamo requires of a dirty input
         return output
 
     @staticmethod
@@ -58,6 +60,16 @@ class _MaskedActivation(torch.autograd.Function):
         else:
             grad_input = aten.threshold_backward(grad_output, passes, 0)
         return grad_input, None, None, None, None
+
+
+def _comparable(input: torch.Tensor, *bounds: float) -> torch.Tensor:
+    """`input`, or a float32 copy where a bound is not exact in its reduced-precision dtype:
+    aten's kernels compare such values with the bounds in float32 (0.1 is not 0.1 in bfloat16)."""
+    if input.dtype in (torch.bfloat16, torch.float16) and any(
+        torch.tensor(bound, dtype=input.dtype).item() != bound for bound in bounds
+    ):
+        return input.float()
+    return input
 
 
 def _apply(input: torch.Tensor, activation: _Activation, first: float, second: float, inplace: bool) -> torch.Tensor:

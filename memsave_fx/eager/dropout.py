@@ -33,8 +33,9 @@ class _Dropout(torch.autograd.Function):
             kept = noise.bool()
             noise.div_(1 - p)
             if inplace:
+                input.mul_(noise)
                 ctx.mark_dirty(input)
-                output = input.mul_(noise)
+                output = input  # the input object itself, as Dynamo requires of a dirty input
             else:
                 output = input * noise
         if ctx.needs_input_grad[0]:
