@@ -30,17 +30,19 @@ class Scale(nn.Module):
 class Call(nn.Module):
     """Calls a function (not a module) on the output of `Scale`, so the trace has a call_function."""
 
-    def __init__(self, channels: int, spatial_dims: int, function, *args, **kwargs) -> None:
+    def __init__(self, channels: int, spatial_dims: int, function, *args, first_output: bool = False, **kwargs) -> None:
         super().__init__()
         self.scale = Scale(channels, spatial_dims)
-        self.function, self.args, self.kwargs = function, args, kwargs
+        self.function, self.args, self.kwargs, self.first_output = function, args, kwargs, first_output
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.function(self.scale(x), *self.args, **self.kwargs)
-        return out[0] if isinstance(out, tuple) else out
+        return out[0] if self.first_output else out
 
 
 class FirstOutput(nn.Module):
+    """The first of a pair, such as a max-pool's output and indices."""
+
     def forward(self, pair: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         return pair[0]
 
