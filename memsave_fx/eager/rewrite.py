@@ -7,8 +7,12 @@ import dataclasses
 import logging
 from collections.abc import Callable
 
+import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from ..analysis import is_tangent
 from .replacements import FUNCTIONS, METHODS, MODULES
@@ -47,13 +51,14 @@ def rewrite(gm: fx.GraphModule) -> fx.GraphModule:
             "memsave_fx.rewrite takes a torch.fx.GraphModule (from torch.fx.symbolic_trace, make_fx "
             f"or AOTAutograd), got {type(gm).__name__}; for an nn.Module use memsave_fx.convert"
         )
-    graph = copy.deepcopy(gm.graph)
+    rewritten = fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name=type(gm).__name__)
+    graph = rewritten.graph
     if any(map(is_tangent, graph.find_nodes(op="placeholder"))):
-        records = _rewrite_joint_graph(graph)
+        records = _rewrite_joint_graph(rewritten)
     else:
         records = [_replace_call(graph, node, gm) for node in list(graph.nodes)]
         records = [r for r in records if r is not None]
-    rewritten = fx.GraphModule(gm, graph, class_name=type(gm).__name__)
+    rewritten.recompile()
     rewritten.training = gm.training
     rewritten.meta.update(gm.meta)
     rewritten.meta[REWRITES] = records
@@ -62,18 +67,37 @@ def rewrite(gm: fx.GraphModule) -> fx.GraphModule:
     return rewritten
 
 
-def _rewrite_joint_graph(graph: fx.Graph) -> list:
+def _rewrite_joint_graph(gm: fx.GraphModule) -> list:
     # Imported here: the passes pull in sympy, which `import memsave_fx` avoids.
     from ..config import MemsaveConfig
     from ..passes import run_passes
 
-    missing = [n.name for n in graph.nodes if n.op not in ("output", "get_attr") and "val" not in n.meta]
+    placeholders = gm.graph.find_nodes(op="placeholder")
+    missing = [n.name for n in placeholders if "val" not in n.meta]
     if missing:
         raise ValueError(
             "memsave_fx.rewrite needs fake values in node.meta['val'] on a joint graph, as make_fx and "
-            f"AOTAutograd record them; these nodes have none: {', '.join(missing[:5])}"
+            f"AOTAutograd record them; these placeholders have none: {', '.join(missing[:5])}"
         )
-    return run_passes(graph, MemsaveConfig())
+    _fake_values_in_one_mode(gm)
+    return run_passes(gm.graph, MemsaveConfig())
+
+
+def _fake_values_in_one_mode(gm: fx.GraphModule) -> None:
+    """Propagate fresh fake values when the graph's come from several fake modes (as `make_fx`
+    of real tensors leaves them): the passes compute new values from their inputs' together."""
+    values = [v for n in gm.graph.nodes for v in pytree.tree_leaves(n.meta.get("val")) if isinstance(v, FakeTensor)]
+    if len({id(v.fake_mode) for v in values}) <= 1:
+        return
+    mode = FakeTensorMode()
+    inputs = []
+    for placeholder in gm.graph.find_nodes(op="placeholder"):
+        value = placeholder.meta["val"]
+        if isinstance(value, torch.Tensor):
+            with mode:
+                value = torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device=value.device)
+        inputs.append(value)
+    FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*inputs)
 
 
 def _replace_call(graph: fx.Graph, node: fx.Node, gm: fx.GraphModule) -> Replacement | None:
