@@ -34,7 +34,8 @@ class _EvalBatchNorm(torch.autograd.Function):
         output_mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.has_bias and ctx.needs_input_grad[4]]
         grad_input, grad_weight, grad_bias = aten.native_batch_norm_backward(
             grad_output,
-            input if input is not None else ctx.input_layout.stand_in(),
+            # Its reductions read the input even when only grad_input and grad_bias are requested.
+            input if input is not None else ctx.input_layout.stand_in(like=grad_output),
             weight, running_mean, running_var, None, None, False, ctx.eps, output_mask,
         )  # fmt: skip
         return grad_input, None, None, grad_weight, grad_bias, None

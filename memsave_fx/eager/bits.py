@@ -41,8 +41,8 @@ def pack_mask(mask: torch.Tensor) -> tuple[torch.Tensor, MaskLayout]:
     flat = mask.permute(order).reshape(-1)
     if flat.numel() % _BITS:
         flat = torch.nn.functional.pad(flat, (0, -flat.numel() % _BITS))
-    words = flat.view(torch.uint8).view(torch.int64)
-    packed = ((words * _SPREAD) >> 56).to(torch.uint8)
+    words = flat.view(torch.uint8).view(torch.int64) * _SPREAD
+    packed = words.bitwise_right_shift_(56).to(torch.uint8)
     return packed, MaskLayout(mask.shape, order)
 
 
@@ -52,7 +52,8 @@ def unpack_mask(packed: torch.Tensor, layout: MaskLayout) -> torch.Tensor:
     uint8 rather than bool: aten's activation backward kernels take it as the tensor whose
     sign decides, and read it far faster than a bool condition (`where` on bool ran 5x slower).
     """
-    words = ((packed.to(torch.int64) * _SPREAD) >> 7) & _LOW_BIT_OF_EACH_BYTE
+    # In place: on CPU each fresh buffer costs a page fault per page on first touch.
+    words = packed.to(torch.int64).mul_(_SPREAD).bitwise_right_shift_(7).bitwise_and_(_LOW_BIT_OF_EACH_BYTE)
     flat = words.view(torch.uint8)[: layout.numel]
     in_memory_order = flat.view([layout.shape[d] for d in layout.memory_order])
     inverse = sorted(range(len(layout.memory_order)), key=layout.memory_order.__getitem__)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from ._saving import in_layout_of
 from .bits import pack_mask, unpack_mask
 
 aten = torch.ops.aten
@@ -52,8 +53,8 @@ class _Dropout(torch.autograd.Function):
         if ctx.fused:
             return aten.native_dropout_backward(grad_output, kept.view(torch.bool), 1.0 / (1.0 - ctx.p)), None, None
         # The noise the forward multiplied by, rebuilt by the same ops: 0 or 1 / (1 - p).
-        noise = kept.to(grad_output.dtype).div_(1 - ctx.p)
-        return grad_output * noise, None, None
+        noise = in_layout_of(kept, grad_output).div_(1 - ctx.p)
+        return noise.mul_(grad_output), None, None
 
 
 def dropout(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> torch.Tensor:

@@ -1,0 +1,106 @@
+"""Eager PyTorch vs the same model after `memsave_fx.convert`, no torch.compile.
+
+For each workload: saved activation MiB (saved_tensors_hooks, parameters and buffers
+excluded) and median step time over interleaved steps; on CUDA also
+torch.cuda.max_memory_allocated over forward and backward.
+
+    python benchmarks/bench_eager.py [--steps 30] [--device cpu|cuda] [--workloads resnet_stem ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import memsave_fx  # noqa: E402
+from benchmarks.bench_backends import loss_of, synchronize  # noqa: E402
+from benchmarks.workloads import WORKLOADS  # noqa: E402
+
+
+def measure_workload(name: str, steps: int, device: str, batch: int, image: int) -> dict:
+    model, inputs, description = WORKLOADS[name](batch=batch, image=image)
+    model, inputs = model.to(device), [x.to(device) for x in inputs]
+    runs = {}
+    for variant in ("eager", "converted"):
+        copy_ = copy.deepcopy(model)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # transformers models are converted part by part
+            fn = memsave_fx.convert(copy_) if variant == "converted" else copy_
+        output, saved = memsave_fx.saved_activation_bytes(fn, *inputs, exclude=[*copy_.parameters(), *copy_.buffers()])
+        target = torch.randn(output.shape, generator=torch.Generator().manual_seed(0)).to(device)
+        loss_of(output, target).backward()
+        runs[variant] = {"fn": fn, "model": copy_, "target": target, "saved": saved}
+
+    times = {variant: [] for variant in runs}
+    peaks = {variant: [] for variant in runs}
+    for step in range(steps):
+        # Alternate the order each step, so that position effects cancel out.
+        for variant, run in (list(runs.items()) if step % 2 else list(runs.items())[::-1]):
+            run["model"].zero_grad(set_to_none=True)
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+            synchronize(device)
+            start = time.perf_counter()
+            loss_of(run["fn"](*inputs), run["target"]).backward()
+            synchronize(device)
+            times[variant].append(time.perf_counter() - start)
+            if device == "cuda":
+                peaks[variant].append(torch.cuda.max_memory_allocated() - base)
+
+    result = {"workload": name, "description": description, "device": device, "batch": batch, "image": image}
+    for variant, run in runs.items():
+        result[variant] = {
+            "saved_mib": run["saved"] / 2**20,
+            "step_ms": statistics.median(times[variant]) * 1e3,
+            "peak_mib": max(peaks[variant]) / 2**20 if peaks[variant] else None,
+        }
+    result["ratios"] = {
+        "saved": result["converted"]["saved_mib"] / result["eager"]["saved_mib"],
+        "step": result["converted"]["step_ms"] / result["eager"]["step_ms"],
+    }
+    if peaks["eager"]:
+        result["ratios"]["peak"] = result["converted"]["peak_mib"] / result["eager"]["peak_mib"]
+    return result
+
+
+def print_table(results: list[dict]) -> None:
+    header = f"{'workload':18s} {'variant':10s} {'saved MiB':>10s} {'step ms':>9s} {'peak MiB':>9s}"
+    print(header)
+    print("-" * len(header))
+    for result in results:
+        for variant in ("eager", "converted"):
+            row = result[variant]
+            peak = f"{row['peak_mib']:9.1f}" if row["peak_mib"] is not None else f"{'-':>9s}"
+            print(f"{result['workload']:18s} {variant:10s} {row['saved_mib']:10.2f} {row['step_ms']:9.1f} {peak}")
+        ratios = result["ratios"]
+        print(f"{'':18s} converted/eager: saved {ratios['saved']:.2f}x, step {ratios['step']:.3f}x")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--image", type=int, default=128)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+    results = [measure_workload(w, args.steps, args.device, args.batch, args.image) for w in args.workloads]
+    print_table(results)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
