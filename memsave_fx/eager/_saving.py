@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import dataclasses
+from typing import NamedTuple
 
 import torch
 
 
-@dataclasses.dataclass(frozen=True)
-class TensorLayout:
-    """Enough of a tensor to stand in for it where a kernel reads only its metadata."""
+class TensorLayout(NamedTuple):
+    """Enough of a tensor to stand in for it where a kernel reads only its metadata.
+
+    A NamedTuple: built on every forward, where a dataclass's construction showed up."""
 
     shape: torch.Size
     stride: tuple[int, ...]

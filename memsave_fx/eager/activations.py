@@ -34,21 +34,18 @@ class _Activation(enum.Enum):
 class _MaskedActivation(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, activation, first, second, inplace):
-        if ctx.needs_input_grad[0]:
-            # Tested before the op, which may overwrite the input; conditions as in aten's kernels.
+        needs_grad = ctx.needs_input_grad[0]
+        # Other conditions are tested on the input, before the op may overwrite it.
+        passes = _passes_gradient(input, activation, first, second) if needs_grad and activation is not _Activation.RELU else None
+        output = _apply(input, activation, first, second, inplace)
+        if needs_grad:
             if activation is _Activation.RELU:
-                passes = torch.le(input, 0).logical_not_()
-            elif activation is _Activation.LEAKY_RELU:
-                passes = torch.gt(input, 0)
-            elif activation is _Activation.HARDTANH:
-                value = _comparable(input, first, second)
-                passes = torch.le(value, first).logical_or_(value >= second).logical_not_()
-            else:
-                passes = torch.le(_comparable(input, first), first).logical_not_()
+                # ReLU's backward passes the gradient where its result is not <= 0; the result
+                # is >= 0 or NaN, so that is where it is not 0: one comparison.
+                passes = output != 0
             packed, ctx.layout = pack_mask(passes)
             ctx.save_for_backward(packed)
         ctx.activation, ctx.slope = activation, first
-        output = _apply(input, activation, first, second, inplace)
         if inplace:
             ctx.mark_dirty(input)
             return input  # the input object itself, as Dynamo requires of a dirty input
@@ -66,6 +63,17 @@ class _MaskedActivation(torch.autograd.Function):
         else:
             grad_input = aten.threshold_backward.grad_input(grad_output, passes, 0, grad_input=passes)
         return grad_input, None, None, None, None
+
+
+def _passes_gradient(input: torch.Tensor, activation: _Activation, first: float, second: float) -> torch.Tensor:
+    """Where the backward passes (or for LeakyReLU, does not scale) the gradient, with the
+    conditions of aten's backward kernels."""
+    if activation is _Activation.LEAKY_RELU:
+        return torch.gt(input, 0)
+    if activation is _Activation.HARDTANH:
+        value = _comparable(input, first, second)
+        return torch.le(value, first).logical_or_(value >= second).logical_not_()
+    return torch.le(_comparable(input, first), first).logical_not_()
 
 
 def _comparable(input: torch.Tensor, *bounds: float) -> torch.Tensor:

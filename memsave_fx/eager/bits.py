@@ -10,7 +10,7 @@ holds on either byte order.
 
 from __future__ import annotations
 
-import dataclasses
+from typing import NamedTuple
 
 import torch
 
@@ -20,30 +20,30 @@ _SPREAD = 0x8040201008040201 - (1 << 64)
 _LOW_BIT_OF_EACH_BYTE = 0x0101010101010101
 
 
-@dataclasses.dataclass(frozen=True)
-class MaskLayout:
+class MaskLayout(NamedTuple):
     """What unpacking needs to rebuild a mask: its shape, and its dims from outermost to
-    innermost in memory (so a channels-last mask comes back channels-last)."""
+    innermost in memory, None when that is the natural order (so a channels-last mask comes
+    back channels-last)."""
 
     shape: torch.Size
-    memory_order: tuple[int, ...]
-
-    @property
-    def numel(self) -> int:
-        return self.shape.numel()
+    memory_order: tuple[int, ...] | None
 
 
 def pack_mask(mask: torch.Tensor) -> tuple[torch.Tensor, MaskLayout]:
     """`mask` (bool) as uint8 words holding eight elements each, in memory order."""
     if mask.dtype != torch.bool:
         raise TypeError(f"pack_mask takes a bool tensor, got {mask.dtype}")
-    order = tuple(sorted(range(mask.dim()), key=lambda d: (-mask.stride(d), d)))
-    flat = mask.permute(order).reshape(-1)
+    # Fast paths matter: a mask is packed per layer per step, often for small tensors.
+    order = None
+    if mask.is_contiguous():
+        flat = mask.view(-1)
+    else:
+        order = tuple(sorted(range(mask.dim()), key=lambda d: (-mask.stride(d), d)))
+        flat = mask.permute(order).reshape(-1)
     if flat.numel() % _BITS:
         flat = torch.nn.functional.pad(flat, (0, -flat.numel() % _BITS))
-    words = flat.view(torch.uint8).view(torch.int64) * _SPREAD
-    packed = words.bitwise_right_shift_(56).to(torch.uint8)
-    return packed, MaskLayout(mask.shape, order)
+    words = flat.view(torch.int64) * _SPREAD
+    return words.bitwise_right_shift_(56).to(torch.uint8), MaskLayout(mask.shape, order)
 
 
 def unpack_mask(packed: torch.Tensor, layout: MaskLayout) -> torch.Tensor:
@@ -54,7 +54,12 @@ def unpack_mask(packed: torch.Tensor, layout: MaskLayout) -> torch.Tensor:
     """
     # In place: on CPU each fresh buffer costs a page fault per page on first touch.
     words = packed.to(torch.int64).mul_(_SPREAD).bitwise_right_shift_(7).bitwise_and_(_LOW_BIT_OF_EACH_BYTE)
-    flat = words.view(torch.uint8)[: layout.numel]
-    in_memory_order = flat.view([layout.shape[d] for d in layout.memory_order])
-    inverse = sorted(range(len(layout.memory_order)), key=layout.memory_order.__getitem__)
-    return in_memory_order.permute(inverse)
+    flat = words.view(torch.uint8)
+    numel = layout.shape.numel()
+    if flat.numel() != numel:
+        flat = flat[:numel]
+    order = layout.memory_order
+    if order is None:
+        return flat.view(layout.shape)
+    in_memory_order = flat.view([layout.shape[d] for d in order])
+    return in_memory_order.permute(sorted(range(len(order)), key=order.__getitem__))
