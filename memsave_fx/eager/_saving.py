@@ -39,3 +39,10 @@ def in_layout_of(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """`values` converted to `like`'s dtype and memory layout: a buffer that an elementwise
     backward can overwrite with its result, laid out as eager's result would be."""
     return torch.empty_like(like).copy_(values)
+
+
+def records_gradient(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd would record a call on these tensors. Where it would not, or where a
+    Function would keep no less than autograd, the plain op runs: it is the same kernel, and
+    skips the Function's Python overhead (tens of microseconds a call)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from ._saving import in_layout_of
+from ._saving import in_layout_of, records_gradient
 from .bits import pack_mask, unpack_mask
 
 aten = torch.ops.aten
@@ -96,9 +96,15 @@ def _apply(input: torch.Tensor, activation: _Activation, first: float, second: f
     return torch.threshold_(input, first, second) if inplace else torch.threshold(input, first, second)
 
 
+def _masked(input: torch.Tensor, activation: _Activation, first: float, second: float, inplace: bool) -> torch.Tensor:
+    if records_gradient(input):
+        return _MaskedActivation.apply(input, activation, first, second, inplace)
+    return _apply(input, activation, first, second, inplace)
+
+
 def relu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     """`F.relu`, keeping a 1-bit mask."""
-    return _MaskedActivation.apply(input, _Activation.RELU, 0.0, 0.0, inplace)
+    return _masked(input, _Activation.RELU, 0.0, 0.0, inplace)
 
 
 def relu_(input: torch.Tensor) -> torch.Tensor:
@@ -108,14 +114,14 @@ def relu_(input: torch.Tensor) -> torch.Tensor:
 
 def leaky_relu(input: torch.Tensor, negative_slope: float = 0.01, inplace: bool = False) -> torch.Tensor:
     """`F.leaky_relu`, keeping a 1-bit mask."""
-    return _MaskedActivation.apply(input, _Activation.LEAKY_RELU, negative_slope, 0.0, inplace)
+    return _masked(input, _Activation.LEAKY_RELU, negative_slope, 0.0, inplace)
 
 
 def hardtanh(input: torch.Tensor, min_val: float = -1.0, max_val: float = 1.0, inplace: bool = False) -> torch.Tensor:
     """`F.hardtanh`, keeping a 1-bit mask."""
     if min_val > max_val:
         raise ValueError("min_val cannot be greater than max_val")
-    return _MaskedActivation.apply(input, _Activation.HARDTANH, min_val, max_val, inplace)
+    return _masked(input, _Activation.HARDTANH, min_val, max_val, inplace)
 
 
 def relu6(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
@@ -125,7 +131,7 @@ def relu6(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
 
 def threshold(input: torch.Tensor, threshold: float, value: float, inplace: bool = False) -> torch.Tensor:
     """`F.threshold`, keeping a 1-bit mask."""
-    return _MaskedActivation.apply(input, _Activation.THRESHOLD, threshold, value, inplace)
+    return _masked(input, _Activation.THRESHOLD, threshold, value, inplace)
 
 
 def call_relu_module(module: nn.ReLU, input: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from ._saving import TensorLayout
+from ._saving import TensorLayout, records_gradient
 
 aten = torch.ops.aten
 
@@ -52,14 +52,21 @@ def batch_norm(
     eps: float = 1e-5,
 ) -> torch.Tensor:
     """`F.batch_norm`; in eval mode it saves less."""
-    if training or running_mean is None or running_var is None:
+    if training or running_mean is None or running_var is None or not _keeps_less(input, weight, bias):
         return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
     return _EvalBatchNorm.apply(input, running_mean, running_var, weight, bias, eps)
+
+
+def _keeps_less(input: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> bool:
+    """Whether `_EvalBatchNorm` keeps less than autograd: when the weight is frozen or absent."""
+    return records_gradient(input, weight, bias) and (weight is None or not weight.requires_grad)
 
 
 def call_batch_norm_module(module: nn.modules.batchnorm._BatchNorm, input: torch.Tensor) -> torch.Tensor:
     """`nn.BatchNorm1d/2d/3d.forward`; in eval mode with running statistics it saves less."""
     if module.training or module.running_mean is None or module.running_var is None:
         return module.forward(input)  # batch statistics: PyTorch's own path
+    if not _keeps_less(input, module.weight, module.bias):
+        return module.forward(input)
     module._check_input_dim(input)
     return _EvalBatchNorm.apply(input, module.running_mean, module.running_var, module.weight, module.bias, module.eps)

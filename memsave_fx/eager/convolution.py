@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from ._saving import TensorLayout
+from ._saving import TensorLayout, records_gradient
 
 aten = torch.ops.aten
 
@@ -49,6 +49,23 @@ class _Convolution(torch.autograd.Function):
         return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
 
 
+def _convolution(input, weight, bias, *arguments) -> torch.Tensor:
+    if _keeps_less(input, weight, bias):
+        return _Convolution.apply(input, weight, bias, *arguments)
+    return aten.convolution(input, weight, bias, *arguments)
+
+
+def _keeps_less(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether `_Convolution` keeps less than autograd's `ConvolutionBackward0`, which keeps
+    the input and the weight: it does when the weight is frozen (no input), or when only a
+    computed weight needs a gradient (no weight; a parameter costs nothing to keep)."""
+    if not records_gradient(input, weight, bias):
+        return False
+    if not weight.requires_grad:
+        return True
+    return not input.requires_grad and weight.grad_fn is not None
+
+
 def conv(
     input: torch.Tensor,
     weight: torch.Tensor,
@@ -65,7 +82,7 @@ def conv(
         input, padding = _pad_for_mode(input, weight, padding, stride, dilation)
     return _batched(
         input, dims,
-        lambda batch: _Convolution.apply(batch, weight, bias, stride, _expand(padding, dims), dilation, False, [0] * dims, groups),
+        lambda batch: _convolution(batch, weight, bias, stride, _expand(padding, dims), dilation, False, [0] * dims, groups),
     )  # fmt: skip
 
 
@@ -82,7 +99,7 @@ def conv_transpose(
     """`F.conv_transpose1d`, `2d` and `3d` (the dimension comes from the weight), saving less."""
     dims = weight.dim() - 2
     arguments = (_expand(stride, dims), _expand(padding, dims), _expand(dilation, dims), True, _expand(output_padding, dims), groups)
-    return _batched(input, dims, lambda batch: _Convolution.apply(batch, weight, bias, *arguments))
+    return _batched(input, dims, lambda batch: _convolution(batch, weight, bias, *arguments))
 
 
 def call_conv_module(module: nn.modules.conv._ConvNd, input: torch.Tensor) -> torch.Tensor:

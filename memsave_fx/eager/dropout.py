@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from ._saving import in_layout_of
+from ._saving import in_layout_of, records_gradient
 from .bits import pack_mask, unpack_mask
 
 aten = torch.ops.aten
@@ -59,8 +59,8 @@ class _Dropout(torch.autograd.Function):
 
 def dropout(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> torch.Tensor:
     """`F.dropout`, keeping a 1-bit mask. With nothing to keep (eval mode, p of 0 or 1, an
-    empty input) it is `F.dropout` itself."""
-    if not training or not 0.0 < p < 1.0 or input.numel() == 0:
+    empty input, no gradient) it is `F.dropout` itself, which draws the same mask."""
+    if not training or not 0.0 < p < 1.0 or input.numel() == 0 or not records_gradient(input):
         return F.dropout(input, p, training, inplace)  # also raises for p outside [0, 1]
     return _Dropout.apply(input, p, inplace)
 

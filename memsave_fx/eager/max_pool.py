@@ -10,15 +10,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from ._saving import TensorLayout
+from ._saving import TensorLayout, records_gradient
 
 aten = torch.ops.aten
 
 IntOrInts = int | Sequence[int]
 
+_STOCK = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
 _POOL = {2: aten.max_pool2d_with_indices, 3: aten.max_pool3d_with_indices}
 _POOL_BACKWARD = {2: aten.max_pool2d_with_indices_backward, 3: aten.max_pool3d_with_indices_backward}
 
@@ -65,6 +67,8 @@ def _max_pool(input, dims, kernel_size, stride, padding, dilation, ceil_mode, re
     kernel_size = expand(kernel_size)
     stride = expand(stride) if stride not in (None, [], ()) else kernel_size
     padding, dilation = expand(padding), expand(dilation)
+    if not records_gradient(input):
+        return _STOCK[dims](input, kernel_size, stride, padding, dilation, ceil_mode, return_indices)
     if dims == 1:
         # As aten does: a 1d pool is a 2d pool over a height of one.
         result = _MaxPool.apply(input.unsqueeze(-2), [1, *kernel_size], [1, *stride], [0, *padding], [1, *dilation], ceil_mode, return_indices)
