@@ -51,7 +51,7 @@ def rewrite(gm: fx.GraphModule) -> fx.GraphModule:
             "memsave_fx.rewrite takes a torch.fx.GraphModule (from torch.fx.symbolic_trace, make_fx "
             f"or AOTAutograd), got {type(gm).__name__}; for an nn.Module use memsave_fx.convert"
         )
-    rewritten = fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name=type(gm).__name__)
+    rewritten = fx.GraphModule(gm, _copy_graph(gm.graph), class_name=type(gm).__name__)
     graph = rewritten.graph
     if any(map(is_tangent, graph.find_nodes(op="placeholder"))):
         records = _rewrite_joint_graph(rewritten)
@@ -65,6 +65,16 @@ def rewrite(gm: fx.GraphModule) -> fx.GraphModule:
     for record in records:
         log.debug("%s", record)
     return rewritten
+
+
+def _copy_graph(graph: fx.Graph) -> fx.Graph:
+    """A copy of `graph`'s nodes (metadata copied shallowly, as `Graph.__deepcopy__` does) that
+    shares its code generator, which holds no nodes: deep-copying a pytree code generator warns."""
+    copied = fx.Graph(tracer_cls=graph._tracer_cls)
+    value, output = copied.graph_copy(graph, {}, return_output_node=True)
+    copied.output(value, type_expr=output.type).meta = copy.copy(output.meta)
+    copied._codegen = graph._codegen
+    return copied
 
 
 def _rewrite_joint_graph(gm: fx.GraphModule) -> list:
