@@ -36,6 +36,28 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def interleaved_steps(runs: dict[str, dict], inputs: list[torch.Tensor], steps: int, device: str) -> tuple[dict, dict]:
+    """Time `steps` training steps of every run (`fn`, `model`, `target`), interleaved so that
+    drift hits them alike; also the CUDA peak over each step. Returns (times, peaks) by run."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    peaks: dict[str, list[int]] = {name: [] for name in runs}
+    for step in range(steps):
+        # Alternate the order each step, so that position effects cancel out.
+        for name, run in (list(runs.items()) if step % 2 else list(runs.items())[::-1]):
+            run["model"].zero_grad(set_to_none=True)
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+            synchronize(device)
+            start = time.perf_counter()
+            loss_of(run["fn"](*inputs), run["target"]).backward()
+            synchronize(device)
+            times[name].append(time.perf_counter() - start)
+            if device == "cuda":
+                peaks[name].append(torch.cuda.max_memory_allocated() - base)
+    return times, peaks
+
+
 def measure_workload(name: str, steps: int, device: str, batch: int, image: int) -> dict:
     model, inputs, description = WORKLOADS[name](batch=batch, image=image)
     model, inputs = model.to(device), [x.to(device) for x in inputs]
@@ -56,23 +78,7 @@ def measure_workload(name: str, steps: int, device: str, batch: int, image: int)
             first_step = time.perf_counter() - start
         runs[backend] = {"fn": compiled, "model": copy_, "target": target, "saved": saved, "first_step": first_step}
 
-    # Steady state, interleaved so drift hits every backend alike.
-    times = {backend: [] for backend in BACKENDS}
-    peaks = {backend: [] for backend in BACKENDS}
-    for step in range(steps):
-        # Alternate the order each step, so that position effects cancel out.
-        for backend, run in (list(runs.items()) if step % 2 else list(runs.items())[::-1]):
-            run["model"].zero_grad(set_to_none=True)
-            if device == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-                base = torch.cuda.memory_allocated()
-            synchronize(device)
-            start = time.perf_counter()
-            loss_of(run["fn"](*inputs), run["target"]).backward()
-            synchronize(device)
-            times[backend].append(time.perf_counter() - start)
-            if device == "cuda":
-                peaks[backend].append(torch.cuda.max_memory_allocated() - base)
+    times, peaks = interleaved_steps(runs, inputs, steps, device)
 
     result = {"workload": name, "description": description, "device": device, "batch": batch, "image": image}
     for backend, run in runs.items():

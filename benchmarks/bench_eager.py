@@ -14,7 +14,6 @@ import copy
 import json
 import statistics
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import memsave_fx  # noqa: E402
-from benchmarks.bench_backends import loss_of, synchronize  # noqa: E402
+from benchmarks.bench_backends import interleaved_steps, loss_of  # noqa: E402
 from benchmarks.workloads import WORKLOADS  # noqa: E402
 
 
@@ -41,22 +40,7 @@ def measure_workload(name: str, steps: int, device: str, batch: int, image: int)
         loss_of(output, target).backward()
         runs[variant] = {"fn": fn, "model": copy_, "target": target, "saved": saved}
 
-    times = {variant: [] for variant in runs}
-    peaks = {variant: [] for variant in runs}
-    for step in range(steps):
-        # Alternate the order each step, so that position effects cancel out.
-        for variant, run in (list(runs.items()) if step % 2 else list(runs.items())[::-1]):
-            run["model"].zero_grad(set_to_none=True)
-            if device == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-                base = torch.cuda.memory_allocated()
-            synchronize(device)
-            start = time.perf_counter()
-            loss_of(run["fn"](*inputs), run["target"]).backward()
-            synchronize(device)
-            times[variant].append(time.perf_counter() - start)
-            if device == "cuda":
-                peaks[variant].append(torch.cuda.max_memory_allocated() - base)
+    times, peaks = interleaved_steps(runs, inputs, steps, device)
 
     result = {"workload": name, "description": description, "device": device, "batch": batch, "image": image}
     for variant, run in runs.items():
