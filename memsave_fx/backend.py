@@ -45,7 +45,7 @@ class CompiledGraph:
     # AOTAutograd's cache, since the pass does not run then.
     rewrites: list[Rewrite] | None = None
     has_backward: bool = False
-    packed_masks: int = 0  # boolean masks saved at 1 bit per element
+    packed_masks: int = 0  # boolean masks and max-pool offsets saved packed into bytes
     # The partitioned graphs, kept only when tracing without code generation (a plan):
     # code generation goes on to rewrite them in place.
     forward: fx.GraphModule | None = dataclasses.field(default=None, repr=False)

@@ -2,11 +2,13 @@
 
 The joint-graph passes decide what the backward may read; `min_cut_rematerialization_partition`
 then decides what crosses from forward to backward. `pack_saved_masks` acts on that saved set
-itself: a boolean mask the forward saves crosses as bits, eight to a byte.
+itself: values with a few possible codes cross packed into bytes. A boolean mask takes 1 bit
+per element; a max-pool's argmax offsets within its window (int8 in Inductor's lowering) take
+2 bits for a window of up to 4 elements and 4 bits for up to 16 (3x3).
 
-The packing is plain float arithmetic (a weighted sum of 0/1 groups of eight; to unpack,
-scaling by powers of two and flooring, exact below 256), which Inductor fuses into the neighbouring kernels on
-CPU and GPU. Float also sidesteps Inductor's C++ bool path, which is slow (measured here on
+The packing is plain float arithmetic (a weighted sum of groups of codes by powers of 2**bits;
+to unpack, scaling by powers of two and flooring, exact below 256), which Inductor fuses into
+the neighbouring kernels on CPU and GPU. Float also sidesteps Inductor's C++ bool path, which is slow (measured here on
 512k elements: a compare-and-store kernel took 3 ms writing bool, 0.06 ms writing uint8
 through float; a `where` took 1.06 ms reading bool, 0.06 ms reading uint8 through float).
 """
@@ -14,6 +16,8 @@ through float; a `where` took 1.06 ms reading bool, 0.06 ms reading uint8 throug
 from __future__ import annotations
 
 import logging
+import math
+import operator
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,7 +37,7 @@ aten = torch.ops.aten
 prims = torch.ops.prims
 log = logging.getLogger(__name__)
 
-_BITS = 8
+_BYTE = 8
 
 
 class MemsavePartitioner(CustomPartitionerFn):
@@ -119,7 +123,8 @@ def keep_graph_without_codegen(
 
 
 def pack_saved_masks(forward: fx.GraphModule, backward: fx.GraphModule) -> int:
-    """Save every bool tensor the forward hands to the backward at one bit per element."""
+    """Save every boolean mask and max-pool offset tensor the forward hands to the backward
+    packed into bytes (see the module docstring); return how many were packed."""
     output = forward.graph.output_node()
     outputs = list(output.args[0])
     descs = output.meta.get("desc") or [None] * len(outputs)
@@ -127,48 +132,65 @@ def pack_saved_masks(forward: fx.GraphModule, backward: fx.GraphModule) -> int:
     first_computation = next(n for n in backward.graph.nodes if n.op != "placeholder")
     packed_count = 0
     for position, (saved, desc) in enumerate(zip(outputs, descs)):
-        if not isinstance(desc, SavedForBackwardsAOTOutput) or not _is_static_bool_tensor(saved):
+        if not isinstance(desc, SavedForBackwardsAOTOutput):
             continue
+        code = _code_of(saved)
         received = backward_inputs.get(saved.name)
-        if received is None or not _is_static_bool_tensor(received):
+        if code is None or received is None:
             continue
-        outputs[position] = _pack(forward.graph, saved, before=output)
-        outputs[position].meta[SAVED_AS] = SavedAs(
-            Decision.COMPRESSED, saved.name, "boolean mask packed at 1 bit per element"
-        )
-        unpacked = _unpack(backward.graph, received, saved.meta["val"], before=first_computation)
+        bits, what = code
+        outputs[position] = _pack(forward.graph, saved, bits, before=output)
+        outputs[position].meta[SAVED_AS] = SavedAs(Decision.COMPRESSED, saved.name, f"{what} packed at {bits} bit{'s' * (bits > 1)} per element")
+        unpacked = _unpack(backward.graph, received, saved.meta["val"], bits, before=first_computation)
         received.replace_all_uses_with(unpacked, delete_user_cb=lambda user: user.meta.get("memsave_unpack") is None)
         packed_count += 1
     if packed_count:
         output.args = (tuple(outputs), *output.args[1:])
-        log.debug("packed %d saved boolean masks to 1 bit per element", packed_count)
+        log.debug("packed %d saved masks and offsets", packed_count)
     return packed_count
 
 
-def _pack(graph: fx.Graph, mask: fx.Node, *, before: fx.Node) -> fx.Node:
-    def call(target, *args, **kwargs):
-        return insert_call(graph, target, args, kwargs, like=mask, before=before)
+def _code_of(node: object) -> tuple[int, str] | None:
+    """(bits per element, what it is) for a saved value with few enough codes to pack."""
+    value = node.meta.get("val") if isinstance(node, fx.Node) else None
+    if not isinstance(value, torch.Tensor) or not all(isinstance(s, int) for s in value.shape):
+        return None
+    if value.dtype == torch.bool:
+        return 1, "boolean mask"
+    if value.dtype == torch.int8 and node.target is operator.getitem and node.args[1] == 1:
+        pool = node.args[0]
+        if getattr(pool, "target", None) is prims._low_memory_max_pool_with_offsets.default:
+            window = math.prod(pool.args[1])
+            bits = next((b for b in (2, 4) if window <= 2**b), None)
+            if bits is not None:
+                return bits, f"max-pool offsets in a window of {window}"
+    return None
 
-    value = mask.meta["val"]
-    numel = value.numel()
-    # Pack in memory order, so that a channels-last mask streams instead of gathering.
-    in_memory_order = call(aten.permute.default, call(prims.convert_element_type.default, mask, torch.float32), _memory_order(value))
+
+def _pack(graph: fx.Graph, codes: fx.Node, bits: int, *, before: fx.Node) -> fx.Node:
+    def call(target, *args, **kwargs):
+        return insert_call(graph, target, args, kwargs, like=codes, before=before)
+
+    value = codes.meta["val"]
+    numel, per_byte = value.numel(), _BYTE // bits
+    # Pack in memory order, so that a channels-last tensor streams instead of gathering.
+    in_memory_order = call(aten.permute.default, call(prims.convert_element_type.default, codes, torch.float32), _memory_order(value))
     flat = call(aten.reshape.default, in_memory_order, [numel])
-    if numel % _BITS:
-        flat = call(aten.constant_pad_nd.default, flat, [0, -numel % _BITS], 0.0)
-    groups = call(aten.view.default, flat, [-1, _BITS])
+    if numel % per_byte:
+        flat = call(aten.constant_pad_nd.default, flat, [0, -numel % per_byte], 0.0)
+    groups = call(aten.view.default, flat, [-1, per_byte])
     # Unrolled rather than a weight vector: post-partition graphs take only ops Inductor lowers.
     packed = call(aten.select.int, groups, 1, 0)
-    for bit in range(1, _BITS):
-        packed = call(aten.add.Tensor, packed, call(aten.mul.Tensor, call(aten.select.int, groups, 1, bit), 2.0**bit))
+    for k in range(1, per_byte):
+        packed = call(aten.add.Tensor, packed, call(aten.mul.Tensor, call(aten.select.int, groups, 1, k), 2.0 ** (bits * k)))
     return call(prims.convert_element_type.default, packed, torch.uint8)
 
 
-def _unpack(graph: fx.Graph, packed: fx.Node, like: torch.Tensor, *, before: fx.Node) -> fx.Node:
-    numel = like.numel()
+def _unpack(graph: fx.Graph, packed: fx.Node, like: torch.Tensor, bits: int, *, before: fx.Node) -> fx.Node:
+    numel, per_byte = like.numel(), _BYTE // bits
     order = _memory_order(like)
     with torch._guards.detect_fake_mode([packed.meta["val"]]):
-        packed.meta["val"] = packed.meta["val"].new_empty([-(-numel // _BITS)], dtype=torch.uint8)
+        packed.meta["val"] = packed.meta["val"].new_empty([-(-numel // per_byte)], dtype=torch.uint8)
     packed.meta.pop("tensor_meta", None)
 
     def call(target, *args, **kwargs):
@@ -177,29 +199,23 @@ def _unpack(graph: fx.Graph, packed: fx.Node, like: torch.Tensor, *, before: fx.
         return node
 
     as_float = call(prims.convert_element_type.default, packed, torch.float32)
-    # Scaling by powers of two and flooring is exact: bit k = floor(x / 2^k) - 2 floor(x / 2^(k+1)).
-    floors = [call(aten.floor.default, call(aten.mul.Tensor, as_float, 2.0**-k)) for k in range(_BITS + 1)]
-    bits = [
-        call(aten.unsqueeze.default, call(aten.sub.Tensor, floors[k], call(aten.mul.Tensor, floors[k + 1], 2.0)), 1)
-        for k in range(_BITS)
+    # Scaling by powers of two and flooring is exact: code k = floor(x / 2^(bits k)) - 2^bits floor(x / 2^(bits (k+1))).
+    floors = [call(aten.floor.default, call(aten.mul.Tensor, as_float, 2.0 ** (-bits * k))) for k in range(per_byte + 1)]
+    codes = [
+        call(aten.unsqueeze.default, call(aten.sub.Tensor, floors[k], call(aten.mul.Tensor, floors[k + 1], 2.0**bits)), 1)
+        for k in range(per_byte)
     ]
-    flat = call(aten.view.default, call(aten.cat.default, bits, 1), [-1])
+    flat = call(aten.view.default, call(aten.cat.default, codes, 1), [-1])
     if flat.meta["val"].numel() != numel:
         flat = call(aten.slice.Tensor, flat, 0, 0, numel)
     in_memory_order = call(aten.view.default, flat, [like.shape[d] for d in order])
     inverse = sorted(range(len(order)), key=order.__getitem__)
-    return call(aten.ne.Scalar, call(aten.permute.default, in_memory_order, inverse), 0.0)
+    restored = call(aten.permute.default, in_memory_order, inverse)
+    if like.dtype == torch.bool:
+        return call(aten.ne.Scalar, restored, 0.0)
+    return call(prims.convert_element_type.default, restored, like.dtype)
 
 
 def _memory_order(value: torch.Tensor) -> list[int]:
     """The dims from outermost to innermost in memory (a permutation making `value` contiguous)."""
     return sorted(range(value.dim()), key=lambda d: (-value.stride(d), d))
-
-
-def _is_static_bool_tensor(node: object) -> bool:
-    value = node.meta.get("val") if isinstance(node, fx.Node) else None
-    return (
-        isinstance(value, torch.Tensor)
-        and value.dtype == torch.bool
-        and all(isinstance(s, int) for s in value.shape)
-    )
