@@ -64,3 +64,74 @@ def test_odd_sizes_layouts_and_dtypes(dtype, channels_last):
     if channels_last:
         model, x = model.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
     assert_grads_match(model, [x.requires_grad_()], memsave_fx.backend())
+
+
+# --- every saved pattern that packs, against stock Inductor --------------------------------
+
+
+class Clamp(nn.Module):
+    def forward(self, x):
+        return torch.clamp(x, -0.5, 0.5)
+
+
+class Comparison(nn.Module):
+    def forward(self, x):
+        return torch.where(x > 0.3, x, 0.5 * x)
+
+
+PATTERNS = {
+    "relu": lambda: nn.ReLU(),
+    "threshold": lambda: nn.Threshold(0.1, -1.0),
+    "leaky_relu": lambda: nn.LeakyReLU(0.2),
+    "hardtanh": lambda: nn.Hardtanh(-0.5, 0.5),
+    "clamp": Clamp,
+    "comparison": Comparison,
+    "dropout": lambda: nn.Dropout(0.3),
+    "max_pool_3x3": lambda: nn.MaxPool2d(3, 2, 1),
+    "max_pool_2x2": lambda: nn.MaxPool2d(2),
+}
+
+
+def frozen_conv_after(*layers: nn.Module) -> nn.Sequential:
+    """A trainable conv, then each layer followed by a conv with a frozen weight: what the
+    layers save is read only through masks or offsets, never as the frozen convs' inputs."""
+    torch.manual_seed(0)
+    modules: list[nn.Module] = [nn.Conv2d(3, 3, 3)]
+    for layer in layers:
+        frozen = nn.Conv2d(3, 3, 1)
+        frozen.weight.requires_grad_(False)
+        modules += [layer, frozen]
+    return nn.Sequential(*modules)
+
+
+def assert_packed_and_exact(model: nn.Module, x: torch.Tensor) -> None:
+    backend = memsave_fx.backend()
+    # Random draws match Inductor's: both compile the same forward random ops.
+    assert_grads_match(model, [x.requires_grad_()], backend, reference="inductor")
+    assert backend.compiled[0].packed_masks >= 1
+    dtypes = saved_dtypes(model, [x], memsave_fx.backend())
+    assert torch.bool not in dtypes and torch.int8 not in dtypes, dtypes
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_each_pattern_is_packed_with_inductors_gradients(pattern):
+    # 1 x 3 x 9 x 9 after the first conv: 243 elements, not a multiple of 8.
+    model = frozen_conv_after(PATTERNS[pattern]())
+    assert_packed_and_exact(model, torch.randn(1, 3, 11, 11))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_all_patterns_in_every_dtype_and_layout(dtype, channels_last):
+    model = frozen_conv_after(*(make() for make in PATTERNS.values())).to(dtype)
+    x = torch.randn(1, 3, 23, 23, dtype=dtype)
+    if channels_last:
+        model, x = model.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
+    assert_packed_and_exact(model, x)
+
+
+def test_offsets_of_windows_over_16_stay_int8():
+    model = frozen_conv_after(nn.MaxPool2d(5, 2, 2))
+    dtypes = saved_dtypes(model, [torch.randn(1, 3, 13, 13, requires_grad=True)], memsave_fx.backend())
+    assert torch.int8 in dtypes
