@@ -63,6 +63,19 @@ def convnext_bitfit(batch: int = 8, image: int = 128):
     return PooledOutput(model), [torch.randn(batch, 3, image, image)], "ConvNeXt, BitFit (biases only)"
 
 
+def mobilenet_v2_bitfit(batch: int = 8, image: int = 128):
+    """MobileNetV2 (depthwise convs, ReLU6, BatchNorm in eval mode): only biases train (BitFit),
+    which here are the BatchNorm shifts."""
+    from transformers import MobileNetV2Config, MobileNetV2Model
+
+    config = MobileNetV2Config(num_channels=3, image_size=image, depth_multiplier=0.35)
+    torch.manual_seed(0)
+    model = MobileNetV2Model(config).eval()
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(name.endswith("bias"))
+    return PooledOutput(model), [torch.randn(batch, 3, image, image)], "MobileNetV2, BitFit (biases only), BN eval"
+
+
 def vit_lora(batch: int = 8, image: int = 64):
     """A small ViT with peft LoRA (rank 8) on the attention queries and values."""
     from peft import LoraConfig, get_peft_model
@@ -81,5 +94,6 @@ WORKLOADS: dict[str, Workload] = {
     "resnet_stem": resnet_stem,
     "resnet_bitfit": resnet_bitfit,
     "convnext_bitfit": convnext_bitfit,
+    "mobilenet_v2_bitfit": mobilenet_v2_bitfit,
     "vit_lora": vit_lora,
 }
