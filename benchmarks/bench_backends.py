@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import statistics
 import sys
 import time
@@ -115,6 +116,16 @@ def print_table(results: list[dict]) -> None:
             f"{'':24s} memsave/inductor: saved {ratios['saved']:.2f}x, step {ratios['step']:.3f}x, "
             f"compile {ratios['compile']:.2f}x"
         )
+    means = geometric_means(results)
+    print(f"geometric mean over {len(results)} workloads, memsave/inductor: saved {means['saved']:.2f}x, step {means['step']:.3f}x")
+
+
+def geometric_means(results: list[dict]) -> dict[str, float]:
+    """The geometric mean of each memsave/inductor ratio over the workloads."""
+    return {
+        key: math.prod(r["ratios_vs_inductor"][key] for r in results) ** (1 / len(results))
+        for key in ("saved", "step")
+    }
 
 
 def main() -> None:
@@ -129,7 +140,7 @@ def main() -> None:
     results = [measure_workload(w, args.steps, args.device, args.batch, args.image) for w in args.workloads]
     print_table(results)
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+        args.json.write_text(json.dumps({"workloads": results, "geometric_means": geometric_means(results)}, indent=2))
 
 
 if __name__ == "__main__":

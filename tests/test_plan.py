@@ -77,6 +77,17 @@ def test_compresses_the_mask_its_activation_still_needs(known_plan):
     assert "1 bit" in mask.reason
 
 
+def test_max_pool_offsets_show_as_compressed():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.MaxPool2d(3, 2, 1), nn.Conv2d(4, 4, 3))
+    model[2].weight.requires_grad_(False)
+    plan = memsave_fx.plan(model, torch.randn(2, 3, 17, 17))
+    (offsets,) = [t for t in plan.tensors if t.dtype == torch.int8]
+    assert offsets.decision is Decision.COMPRESSED and offsets.module == "1"
+    assert (offsets.nbytes, offsets.baseline_nbytes) == (2 * 4 * 8 * 8 // 2, 2 * 4 * 8 * 8)
+    assert offsets.reason == "max-pool offsets in a window of 9 packed at 4 bits per element"
+
+
 def test_keeps_what_a_trained_weight_gradient_reads(known_plan):
     (kept,) = rows(known_plan, Decision.KEPT, "act2")
     assert kept.op == "relu" and kept.nbytes == kept.baseline_nbytes == ACTIVATION_BYTES
