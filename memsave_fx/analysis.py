@@ -40,6 +40,7 @@ BACKWARD_READS = "memsave_backward_reads"
 GRADIENT_OF = "memsave_gradient_of"  # on a primal placeholder: its gradient node, or None
 SOURCE = "memsave_source"  # on a primal placeholder: the `GraphInput` it holds
 SAVED_AS = "memsave_saved_as"  # on a forward value saved in place of another: a `SavedAs`
+CODE_BITS = "memsave_code_bits"  # on a forward value of small codes: the bits each element needs
 
 
 class InputKind(enum.Enum):

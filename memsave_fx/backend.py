@@ -222,7 +222,6 @@ def _compile_eager(
 
 
 _NOT_YET_AVAILABLE = {
-    "approx_activations": True,
     "share_norms": True,
 }
 

@@ -28,7 +28,7 @@ from torch._functorch.partitioners import min_cut_rematerialization_partition
 from torch._inductor.custom_graph_pass import CustomPartitionerFn
 from torch._inductor.output_code import OutputCode
 
-from .analysis import SAVED_AS, Decision, SavedAs
+from .analysis import CODE_BITS, SAVED_AS, Decision, SavedAs
 from .backend import CompiledGraph
 from .memory import mark_layout_copies
 from .passes.base import insert_call
@@ -140,7 +140,13 @@ def pack_saved_masks(forward: fx.GraphModule, backward: fx.GraphModule) -> int:
             continue
         bits, what = code
         outputs[position] = _pack(forward.graph, saved, bits, before=output)
-        outputs[position].meta[SAVED_AS] = SavedAs(Decision.COMPRESSED, saved.name, f"{what} packed at {bits} bit{'s' * (bits > 1)} per element")
+        packing = f"{what} packed at {bits} bit{'s' * (bits > 1)} per element"
+        earlier = saved.meta.get(SAVED_AS)  # a joint pass's stand-in keeps its decision
+        outputs[position].meta[SAVED_AS] = (
+            SavedAs(earlier.decision, earlier.original, f"{earlier.reason}, {packing}")
+            if earlier is not None
+            else SavedAs(Decision.COMPRESSED, saved.name, packing)
+        )
         unpacked = _unpack(backward.graph, received, saved.meta["val"], bits, before=first_computation)
         received.replace_all_uses_with(unpacked, delete_user_cb=lambda user: user.meta.get("memsave_unpack") is None)
         packed_count += 1
@@ -155,6 +161,8 @@ def _code_of(node: object) -> tuple[int, str] | None:
     value = node.meta.get("val") if isinstance(node, fx.Node) else None
     if not isinstance(value, torch.Tensor) or not all(isinstance(s, int) for s in value.shape):
         return None
+    if node.meta.get(CODE_BITS) is not None:
+        return node.meta[CODE_BITS], "codes"
     if value.dtype == torch.bool:
         return 1, "boolean mask"
     if value.dtype == torch.int8 and node.target is operator.getitem and node.args[1] == 1:

@@ -106,7 +106,7 @@ def test_reserved_inductor_hook_is_refused():
 
 
 @pytest.mark.parametrize(
-    "options", [{"approx_activations": True}, {"share_norms": True}, {"pool_activations": 2}]
+    "options", [{"share_norms": True}, {"pool_activations": 2}]
 )
 def test_unavailable_passes_are_refused_not_skipped(options):
     model, inputs = small_frozen_convnet()

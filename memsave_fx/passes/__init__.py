@@ -13,6 +13,7 @@ import torch.fx as fx
 
 from ..analysis import analyze_joint_graph
 from ..config import MemsaveConfig
+from .approximate_activation_backward import approximate_activation_backward
 from .base import Rewrite, RewritePass
 from .flatten_saved_conv_inputs import flatten_saved_conv_inputs
 from .replace_eval_batch_norm_backward import replace_eval_batch_norm_backward
@@ -27,6 +28,7 @@ PASSES: tuple[RewritePass, ...] = (
     replace_frozen_convolution_backward,
     replace_eval_batch_norm_backward,
     replace_shape_only_reads,
+    approximate_activation_backward,  # opt-in: lossy
     # Last: the rewrites above decide which graph inputs the backward still reads.
     flatten_saved_conv_inputs,
 )
