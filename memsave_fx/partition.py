@@ -211,12 +211,18 @@ def _unpack(graph: fx.Graph, packed: fx.Node, like: torch.Tensor, bits: int, *, 
 
     as_float = call(prims.convert_element_type.default, packed, torch.float32)
     # Every element from its byte, with no concatenation, which Inductor would materialise:
-    # row k of [per_byte, m] is block k, code k of each byte. Scaling by powers of two and
-    # flooring is exact: code k = floor(x / 2^(bits k)) - 2^bits floor(x / 2^(bits (k+1))).
-    rows = call(aten.expand.default, call(aten.unsqueeze.default, as_float, 0), [per_byte, -1])
+    # row k of [per_byte, m] is block k, code k of each byte. Where the outer dims split evenly
+    # into blocks, the rows keep the inner dims apart, so that the consumer's innermost loop
+    # reads bytes contiguously (a flat index would need a modulo, and a scalar gather).
+    # Scaling by powers of two and flooring is exact:
+    # code k = floor(x / 2^(bits k)) - 2^bits floor(x / 2^(bits (k+1))).
+    sizes = [like.shape[d] for d in order]
+    inner = _inner_block(sizes, per_byte)
+    row_shape = [-1] if inner is None else [-1, inner]
+    rows = call(aten.expand.default, call(aten.unsqueeze.default, call(aten.view.default, as_float, row_shape), 0), [per_byte, *row_shape])
     positions = call(prims.iota.default, per_byte, start=0, step=1, dtype=torch.int64, device=like.device, requires_grad=False)
     exponents = call(aten.mul.Tensor, call(prims.convert_element_type.default, positions, torch.float32), float(-bits))
-    scales = call(aten.unsqueeze.default, call(aten.pow.Scalar, 2.0, exponents), 1)
+    scales = call(aten.view.default, call(aten.pow.Scalar, 2.0, exponents), [per_byte] + [1] * len(row_shape))
     low = call(aten.floor.default, call(aten.mul.Tensor, rows, scales))
     high = call(aten.floor.default, call(aten.mul.Tensor, rows, call(aten.mul.Tensor, scales, 2.0**-bits)))
     codes = call(aten.sub.Tensor, low, call(aten.mul.Tensor, high, 2.0**bits))
@@ -229,6 +235,17 @@ def _unpack(graph: fx.Graph, packed: fx.Node, like: torch.Tensor, bits: int, *, 
     if like.dtype == torch.bool:
         return call(aten.ne.Scalar, restored, 0.0)
     return call(prims.convert_element_type.default, restored, like.dtype)
+
+
+def _inner_block(sizes: list[int], per_byte: int) -> int | None:
+    """The product of the inner dims after the shortest run of outer dims whose product is a
+    multiple of `per_byte`; None if there is none."""
+    outer = 1
+    for i, size in enumerate(sizes):
+        outer *= size
+        if outer % per_byte == 0:
+            return math.prod(sizes[i + 1 :])
+    return None
 
 
 def _memory_order(value: torch.Tensor) -> list[int]:

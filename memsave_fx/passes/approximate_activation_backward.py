@@ -161,12 +161,14 @@ def _surrogate_gradient(graph: fx.Graph, grad: fx.Node, codes: fx.Node, surrogat
     def call(target, *args):
         return insert_call(graph, target, args, like=like)
 
+    # Compared as float32: Inductor's uint8 vector comparisons ran the backward 1.5x slower.
+    codes = call(prims.convert_element_type.default, codes, torch.float32)
     slope = None
     previous = 0.0
     for code, cumulative in enumerate(surrogate.slopes[1:], start=1):
         step = cumulative - previous
         previous = cumulative
-        at_least = call(prims.convert_element_type.default, call(aten.ge.Scalar, codes, code), torch.float32)
+        at_least = call(prims.convert_element_type.default, call(aten.ge.Scalar, codes, float(code)), torch.float32)
         term = call(aten.mul.Tensor, at_least, step)
         slope = term if slope is None else call(aten.add.Tensor, slope, term)
     dtype = like.meta["val"].dtype
