@@ -128,15 +128,20 @@ def geometric_means(results: list[dict]) -> dict[str, float]:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def workload_arguments(description: str, steps: int) -> argparse.Namespace:
+    """The command line both benchmark scripts take: which workloads, at what size, where."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=steps)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--image", type=int, default=128)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", type=Path, help="also write the results here")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = workload_arguments(__doc__, steps=20)
     results = [measure_workload(w, args.steps, args.device, args.batch, args.image) for w in args.workloads]
     print_table(results)
     if args.json:

@@ -9,7 +9,6 @@ torch.cuda.max_memory_allocated over forward and backward.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import statistics
@@ -22,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import memsave_fx  # noqa: E402
-from benchmarks.bench_backends import interleaved_steps, loss_of  # noqa: E402
+from benchmarks.bench_backends import interleaved_steps, loss_of, workload_arguments  # noqa: E402
 from benchmarks.workloads import WORKLOADS  # noqa: E402
 
 
@@ -72,14 +71,7 @@ def print_table(results: list[dict]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--image", type=int, default=128)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--json", type=Path, help="also write the results here")
-    args = parser.parse_args()
+    args = workload_arguments(__doc__, steps=30)
     results = [measure_workload(w, args.steps, args.device, args.batch, args.image) for w in args.workloads]
     print_table(results)
     if args.json:
