@@ -8,9 +8,10 @@ per element; a max-pool's argmax offsets within its window (int8 in Inductor's l
 
 The packing is plain float arithmetic (a weighted sum of blocks of codes by powers of 2**bits;
 to unpack, scaling by powers of two and flooring, exact below 256), which Inductor fuses into
-the neighbouring kernels on CPU and GPU. Float also sidesteps Inductor's C++ bool path, which is slow (measured here on
-512k elements: a compare-and-store kernel took 3 ms writing bool, 0.06 ms writing uint8
-through float; a `where` took 1.06 ms reading bool, 0.06 ms reading uint8 through float).
+the neighbouring kernels on CPU and GPU. Float also sidesteps Inductor's C++ bool path, which
+is slow (measured here on 512k elements: a compare-and-store kernel took 3 ms writing bool,
+0.06 ms writing uint8 through float; a `where` took 1.06 ms reading bool, 0.06 ms reading uint8
+through float).
 """
 
 from __future__ import annotations
@@ -229,7 +230,7 @@ def _unpack(graph: fx.Graph, packed: fx.Node, like: torch.Tensor, bits: int, *, 
     flat = call(aten.reshape.default, codes, [-1])
     if flat.meta["val"].numel() != numel:
         flat = call(aten.slice.Tensor, flat, 0, 0, numel)
-    in_memory_order = call(aten.view.default, flat, [like.shape[d] for d in order])
+    in_memory_order = call(aten.view.default, flat, sizes)
     inverse = sorted(range(len(order)), key=order.__getitem__)
     restored = call(aten.permute.default, in_memory_order, inverse)
     if like.dtype == torch.bool:

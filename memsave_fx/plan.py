@@ -17,7 +17,6 @@ import re
 import types
 from collections import defaultdict, deque
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch

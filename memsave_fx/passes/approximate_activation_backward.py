@@ -31,6 +31,7 @@ aten = torch.ops.aten
 prims = torch.ops.prims
 log = logging.getLogger(__name__)
 
+
 @dataclasses.dataclass(frozen=True)
 class Surrogate:
     name: str
@@ -59,17 +60,16 @@ def approximate_activation_backward(graph: fx.Graph, config: MemsaveConfig) -> l
     if not config.approx_activations:
         return []
     rewrites = []
-    for backward_op, nodes in _activation_backwards(graph).items():
-        for group in nodes:
-            rewrite = _rewrite(graph, backward_op, group)
-            log.debug("%s: %s", rewrite.node, rewrite.reason)
-            rewrites.append(rewrite)
+    for backward_op, group in _activation_backwards(graph):
+        rewrite = _rewrite(graph, backward_op, group)
+        log.debug("%s: %s", rewrite.node, rewrite.reason)
+        rewrites.append(rewrite)
     return rewrites
 
 
-def _activation_backwards(graph: fx.Graph) -> dict[str, list[list[fx.Node]]]:
-    """Each GELU/SiLU backward in the graph, as the list of nodes computing it: one aten node,
-    or the nodes of its decomposition (which carry its `seq_nr`)."""
+def _activation_backwards(graph: fx.Graph) -> list[tuple[str, list[fx.Node]]]:
+    """Each GELU/SiLU backward in the graph, by op name, with the nodes computing it: one aten
+    node, or the nodes of its decomposition (which carry its `seq_nr`)."""
     groups: dict[tuple[str, object], list[fx.Node]] = {}
     for node in graph.nodes:
         if node.op != "call_function":
@@ -78,10 +78,7 @@ def _activation_backwards(graph: fx.Graph) -> dict[str, list[list[fx.Node]]]:
             groups[(str(node.target), node.name)] = [node]
         elif _source_op(node) in SURROGATES:
             groups.setdefault((_source_op(node), node.meta.get("seq_nr")), []).append(node)
-    result: dict[str, list[list[fx.Node]]] = {}
-    for (op, _), group in groups.items():
-        result.setdefault(op, []).append(group)
-    return result
+    return [(op, group) for (op, _), group in groups.items()]
 
 
 def _source_op(node: fx.Node) -> str:
@@ -126,7 +123,7 @@ def _rewrite(graph: fx.Graph, backward_op: str, group: list[fx.Node]) -> Rewrite
 def _forward_output(x: fx.Node, forward_op: str) -> fx.Node | None:
     """The output of the activation applied to `x`, or None if it is not found."""
     group: set[fx.Node] = set()
-    frontier = [u for u in x.users if _source_op(u) == forward_op]
+    frontier = list(x.users)
     while frontier:
         node = frontier.pop()
         if node not in group and _source_op(node) == forward_op and not node.meta.get(IS_BACKWARD):
