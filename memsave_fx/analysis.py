@@ -9,7 +9,9 @@ backward ops that still read its partner activation.
 `analyze_joint_graph` writes its results into `node.meta`; it is the single source of truth
 for the rewrite passes and for the memory plan:
 
-- ``IS_BACKWARD``: the node depends on a tangent.
+- ``IS_BACKWARD``: the node depends on a tangent, or is tagged to run in the backward.
+- ``IS_FORWARD``: the node is needed to compute the forward outputs. A node that is neither
+  (a backward recomputation of a forward value) runs wherever the partitioner puts it.
 - ``DIFFERENTIABLE``: the node depends on a primal whose gradient is requested.
 - ``LIVE_OUTPUTS``: which of the node's outputs feed a requested gradient (output indices;
   single-output nodes use index 0).
@@ -33,6 +35,7 @@ from torch._functorch._aot_autograd.descriptors import GradAOTOutput
 aten = torch.ops.aten
 
 IS_BACKWARD = "memsave_is_backward"
+IS_FORWARD = "memsave_is_forward"
 DIFFERENTIABLE = "memsave_differentiable"
 LIVE_OUTPUTS = "memsave_live_outputs"
 ARG_PURPOSES = "memsave_arg_purposes"
@@ -201,21 +204,36 @@ def is_primal(node: fx.Node) -> bool:
     return node.op == "placeholder" and str(node.target).startswith("primals")
 
 
-def _gradient_slots(graph: fx.Graph, primals: tuple[fx.Node, ...]) -> dict[fx.Node, fx.Node]:
-    """Map each primal whose gradient is requested to its gradient node."""
+def _split_outputs(graph: fx.Graph, primals: tuple[fx.Node, ...]) -> tuple[list[fx.Node], dict[fx.Node, fx.Node]]:
+    """The forward outputs, and each primal whose gradient is requested mapped to its gradient."""
     output = graph.output_node()
     values = list(output.args[0]) if isinstance(output.args[0], (list, tuple)) else [output.args[0]]
     descs = output.meta.get("desc")
     if descs is not None and len(descs) == len(values):
         primal_by_desc = {p.meta.get("desc"): p for p in primals}
-        slots = {}
+        forward, slots = [], {}
         for value, desc in zip(values, descs):
-            if isinstance(desc, GradAOTOutput) and isinstance(value, fx.Node):
-                slots[primal_by_desc[desc.grad_of]] = value
-        return slots
+            if isinstance(desc, GradAOTOutput):
+                if isinstance(value, fx.Node):
+                    slots[primal_by_desc[desc.grad_of]] = value
+            elif isinstance(value, fx.Node):
+                forward.append(value)
+        return forward, slots
     # Without descriptors, AOTAutograd's layout: forward outputs, then one slot per primal.
-    grads = values[len(values) - len(primals) :]
-    return {p: g for p, g in zip(primals, grads) if isinstance(g, fx.Node)}
+    split = len(values) - len(primals)
+    forward = [v for v in values[:split] if isinstance(v, fx.Node)]
+    return forward, {p: g for p, g in zip(primals, values[split:]) if isinstance(g, fx.Node)}
+
+
+def _ancestors(nodes: Iterable[fx.Node]) -> set[fx.Node]:
+    found = set(nodes)
+    frontier = list(found)
+    while frontier:
+        for source in frontier.pop().all_input_nodes:
+            if source not in found:
+                found.add(source)
+                frontier.append(source)
+    return found
 
 
 def analyze_joint_graph(graph: fx.Graph) -> JointGraphInfo | None:
@@ -224,7 +242,8 @@ def analyze_joint_graph(graph: fx.Graph) -> JointGraphInfo | None:
     if not tangents:
         return None
     primals = tuple(n for n in graph.find_nodes(op="placeholder") if is_primal(n))
-    gradients = _gradient_slots(graph, primals)
+    forward_outputs, gradients = _split_outputs(graph, primals)
+    forward = _ancestors(forward_outputs)
     for primal in primals:
         primal.meta[GRADIENT_OF] = gradients.get(primal)
 
@@ -232,7 +251,12 @@ def analyze_joint_graph(graph: fx.Graph) -> JointGraphInfo | None:
     requested = set(gradients)
     for node in graph.nodes:
         inputs = node.all_input_nodes
-        node.meta[IS_BACKWARD] = is_tangent(node) or any(i.meta[IS_BACKWARD] for i in inputs)
+        node.meta[IS_FORWARD] = node in forward
+        node.meta[IS_BACKWARD] = (
+            is_tangent(node)
+            or node.meta.get("partitioner_tag") == "must_be_in_backward"
+            or any(i.meta[IS_BACKWARD] for i in inputs)
+        )
         node.meta[DIFFERENTIABLE] = node in requested or any(
             i.meta[DIFFERENTIABLE] for i in inputs
         )

@@ -221,9 +221,7 @@ def _compile_eager(
     )(gm, example_inputs)
 
 
-_NOT_YET_AVAILABLE = {
-    "share_norms": True,
-}
+_NOT_YET_AVAILABLE: dict[str, object] = {}
 
 
 def _check_available(config: MemsaveConfig) -> None:

@@ -19,6 +19,7 @@ from .flatten_saved_conv_inputs import flatten_saved_conv_inputs
 from .replace_eval_batch_norm_backward import replace_eval_batch_norm_backward
 from .replace_frozen_convolution_backward import replace_frozen_convolution_backward
 from .replace_shape_only_reads import replace_shape_only_reads
+from .share_normalized_output import share_normalized_output
 
 __all__ = ["PASSES", "Rewrite", "RewritePass", "run_passes"]
 
@@ -29,6 +30,7 @@ PASSES: tuple[RewritePass, ...] = (
     replace_eval_batch_norm_backward,
     replace_shape_only_reads,
     approximate_activation_backward,  # opt-in: lossy
+    share_normalized_output,  # opt-in: exact up to rounding
     # Last: the rewrites above decide which graph inputs the backward still reads.
     flatten_saved_conv_inputs,
 )
