@@ -51,7 +51,7 @@ def main() -> None:
     parser.add_argument("--image", type=int, default=32)
     parser.add_argument("--classes", type=int, default=4)
     args = parser.parse_args()
-    model, _, _ = vit_lora(batch=args.batch, image=args.image)
+    model, _, _ = vit_lora(batch=args.batch, size=args.image)
     curves = {}
     for name, backend in [("exact", memsave_fx.backend()), ("approx", memsave_fx.backend(approx_activations=True))]:
         torch.manual_seed(0)

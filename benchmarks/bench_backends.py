@@ -5,6 +5,7 @@ excluded), median step time over interleaved steps, and cold compile time. On CU
 reports torch.cuda.max_memory_allocated over forward and backward.
 
     python benchmarks/bench_backends.py [--steps 20] [--device cpu|cuda] [--workloads resnet_stem ...]
+        [--options approx_activations share_norms]
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import memsave_fx  # noqa: E402
-from benchmarks.workloads import WORKLOADS  # noqa: E402
+from benchmarks.workloads import WORKLOADS, build  # noqa: E402
 
 BACKENDS = ("eager", "inductor", "memsave")
+LOSSY_OPTIONS = ("approx_activations", "share_norms")
 
 
 def loss_of(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -59,14 +61,19 @@ def interleaved_steps(runs: dict[str, dict], inputs: list[torch.Tensor], steps: 
     return times, peaks
 
 
-def measure_workload(name: str, steps: int, device: str, batch: int, image: int) -> dict:
-    model, inputs, description = WORKLOADS[name](batch=batch, image=image)
+def measure_workload(
+    name: str, steps: int, device: str, batch: int | None, size: int | None, options: dict[str, bool]
+) -> dict:
+    model, inputs, description = build(name, batch, size)
     model, inputs = model.to(device), [x.to(device) for x in inputs]
     runs = {}
     for backend in BACKENDS:
         copy_ = copy.deepcopy(model)
         torch._dynamo.reset()
-        compiled = copy_ if backend == "eager" else torch.compile(copy_, backend=backend)
+        if backend == "memsave":
+            compiled = torch.compile(copy_, backend=memsave_fx.backend(**options))
+        else:
+            compiled = copy_ if backend == "eager" else torch.compile(copy_, backend=backend)
         excluded = [*copy_.parameters(), *copy_.buffers()]
         # Cold compile: Inductor's and AOTAutograd's caches off, for this compile only.
         with torch._inductor.config.patch(force_disable_caches=True):
@@ -81,7 +88,7 @@ def measure_workload(name: str, steps: int, device: str, batch: int, image: int)
 
     times, peaks = interleaved_steps(runs, inputs, steps, device)
 
-    result = {"workload": name, "description": description, "device": device, "batch": batch, "image": image}
+    result = {"workload": name, "description": description, "device": device, "batch": batch, "size": size, "options": options}
     for backend, run in runs.items():
         step = statistics.median(times[backend])
         result[backend] = {
@@ -128,21 +135,24 @@ def geometric_means(results: list[dict]) -> dict[str, float]:
     }
 
 
-def workload_arguments(description: str, steps: int) -> argparse.Namespace:
+def workload_parser(description: str, steps: int) -> argparse.ArgumentParser:
     """The command line both benchmark scripts take: which workloads, at what size, where."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
     parser.add_argument("--steps", type=int, default=steps)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--image", type=int, default=128)
+    parser.add_argument("--batch", type=int, help="default: each workload's own")
+    parser.add_argument("--size", type=int, help="image side or sequence length; default: each workload's own")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", type=Path, help="also write the results here")
-    return parser.parse_args()
+    return parser
 
 
 def main() -> None:
-    args = workload_arguments(__doc__, steps=20)
-    results = [measure_workload(w, args.steps, args.device, args.batch, args.image) for w in args.workloads]
+    parser = workload_parser(__doc__, steps=20)
+    parser.add_argument("--options", nargs="+", default=[], choices=LOSSY_OPTIONS, help="memsave options to turn on")
+    args = parser.parse_args()
+    options = dict.fromkeys(args.options, True)
+    results = [measure_workload(w, args.steps, args.device, args.batch, args.size, options) for w in args.workloads]
     print_table(results)
     if args.json:
         args.json.write_text(json.dumps({"workloads": results, "geometric_means": geometric_means(results)}, indent=2))

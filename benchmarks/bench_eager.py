@@ -21,12 +21,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import memsave_fx  # noqa: E402
-from benchmarks.bench_backends import interleaved_steps, loss_of, workload_arguments  # noqa: E402
-from benchmarks.workloads import WORKLOADS  # noqa: E402
+from benchmarks.bench_backends import interleaved_steps, loss_of, workload_parser  # noqa: E402
+from benchmarks.workloads import WORKLOADS, build  # noqa: E402
 
 
-def measure_workload(name: str, steps: int, device: str, batch: int, image: int) -> dict:
-    model, inputs, description = WORKLOADS[name](batch=batch, image=image)
+def measure_workload(name: str, steps: int, device: str, batch: int | None, size: int | None) -> dict:
+    model, inputs, description = build(name, batch, size)
     model, inputs = model.to(device), [x.to(device) for x in inputs]
     runs = {}
     for variant in ("eager", "converted"):
@@ -41,7 +41,7 @@ def measure_workload(name: str, steps: int, device: str, batch: int, image: int)
 
     times, peaks = interleaved_steps(runs, inputs, steps, device)
 
-    result = {"workload": name, "description": description, "device": device, "batch": batch, "image": image}
+    result = {"workload": name, "description": description, "device": device, "batch": batch, "size": size}
     for variant, run in runs.items():
         result[variant] = {
             "saved_mib": run["saved"] / 2**20,
@@ -71,8 +71,8 @@ def print_table(results: list[dict]) -> None:
 
 
 def main() -> None:
-    args = workload_arguments(__doc__, steps=30)
-    results = [measure_workload(w, args.steps, args.device, args.batch, args.image) for w in args.workloads]
+    args = workload_parser(__doc__, steps=30).parse_args()
+    results = [measure_workload(w, args.steps, args.device, args.batch, args.size) for w in args.workloads]
     print_table(results)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

@@ -5,7 +5,7 @@ against the peak of the allocations the CPU allocator reports to the profiler ov
 and backward (above the parameters and inputs, which exist before the step), for memsave and
 stock Inductor.
 
-    python benchmarks/plan_accuracy.py [--workloads resnet_stem vit_lora] [--batch 8] [--image 128]
+    python benchmarks/plan_accuracy.py [--workloads resnet_stem vit_lora] [--batch 8] [--size 128]
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import memsave_fx  # noqa: E402
-from benchmarks.workloads import WORKLOADS  # noqa: E402
+from benchmarks.workloads import WORKLOADS, build  # noqa: E402
 
 
 def measured_step(model: torch.nn.Module, inputs: list[torch.Tensor], backend: str) -> tuple[int, int]:
@@ -54,11 +54,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--image", type=int, default=128)
+    parser.add_argument("--size", type=int, default=128, help="image side or sequence length")
     args = parser.parse_args()
     print(f"{'workload':16} {'backend':9} {'saved: plan / hooks':>24} {'peak above inputs: plan / measured (MiB)':>44}")
     for name in args.workloads:
-        model, inputs, _ = WORKLOADS[name](batch=args.batch, image=args.image)
+        model, inputs, _ = build(name, args.batch, args.size)
         plan = memsave_fx.plan(model, *inputs)
         resident = plan.parameter_bytes + plan.input_bytes
         for backend, saved_predicted, peak_predicted in (

@@ -1,7 +1,8 @@
 """Fine-tuning workloads shared by the benchmarks and the real-model tests.
 
-Each builder returns (model, example inputs, description). Models come from small
-transformers configs: nothing is downloaded.
+Each builder takes `batch` and `size` (the image side, or the sequence length) and returns
+(model, example inputs, description). Models come from small transformers configs: nothing
+is downloaded.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-Workload = Callable[[], tuple[nn.Module, list[torch.Tensor], str]]
+Workload = Callable[..., tuple[nn.Module, list[torch.Tensor], str]]
 
 
 def _resnet() -> nn.Module:
@@ -35,23 +36,23 @@ class PooledOutput(nn.Module):
         return self.model(pixel_values=pixel_values).pooler_output
 
 
-def resnet_stem(batch: int = 8, image: int = 128):
+def resnet_stem(batch: int = 8, size: int = 128):
     """Only the stem (conv + BN) trains; BatchNorm in eval mode throughout."""
     model = _resnet()
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(name.startswith("embedder."))
-    return PooledOutput(model), [torch.randn(batch, 3, image, image)], "ResNet, only the stem trainable, BN eval"
+    return PooledOutput(model), [torch.randn(batch, 3, size, size)], "ResNet, only the stem trainable, BN eval"
 
 
-def resnet_bitfit(batch: int = 8, image: int = 128):
+def resnet_bitfit(batch: int = 8, size: int = 128):
     """Only biases and normalisation parameters train (BitFit); BatchNorm in eval mode."""
     model = _resnet()
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(name.endswith("bias") or ".normalization." in name)
-    return PooledOutput(model), [torch.randn(batch, 3, image, image)], "ResNet, BitFit (biases + norms), BN eval"
+    return PooledOutput(model), [torch.randn(batch, 3, size, size)], "ResNet, BitFit (biases + norms), BN eval"
 
 
-def convnext_bitfit(batch: int = 8, image: int = 128):
+def convnext_bitfit(batch: int = 8, size: int = 128):
     """ConvNeXt (depthwise 7x7 convs, LayerNorm, GELU): only biases train (BitFit)."""
     from transformers import ConvNextConfig, ConvNextModel
 
@@ -60,10 +61,10 @@ def convnext_bitfit(batch: int = 8, image: int = 128):
     model = ConvNextModel(config)
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(name.endswith("bias"))
-    return PooledOutput(model), [torch.randn(batch, 3, image, image)], "ConvNeXt, BitFit (biases only)"
+    return PooledOutput(model), [torch.randn(batch, 3, size, size)], "ConvNeXt, BitFit (biases only)"
 
 
-def mobilenet_v2_bitfit(batch: int = 8, image: int = 128):
+def mobilenet_v2_bitfit(batch: int = 8, size: int = 128):
     """MobileNetV2 (depthwise convs, ReLU6, BatchNorm in eval mode): only biases train (BitFit),
     which here are the BatchNorm shifts."""
     from transformers import MobileNetV2Config, MobileNetV2Model
@@ -73,21 +74,48 @@ def mobilenet_v2_bitfit(batch: int = 8, image: int = 128):
     model = MobileNetV2Model(config).eval()
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(name.endswith("bias"))
-    return PooledOutput(model), [torch.randn(batch, 3, image, image)], "MobileNetV2, BitFit (biases only), BN eval"
+    return PooledOutput(model), [torch.randn(batch, 3, size, size)], "MobileNetV2, BitFit (biases only), BN eval"
 
 
-def vit_lora(batch: int = 8, image: int = 64):
+def vit_lora(batch: int = 8, size: int = 64):
     """A small ViT with peft LoRA (rank 8) on the attention queries and values."""
     from peft import LoraConfig, get_peft_model
     from transformers import ViTConfig, ViTModel
 
     config = ViTConfig(
         hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=512,
-        image_size=image, patch_size=8,
+        image_size=size, patch_size=8,
     )  # fmt: skip
     torch.manual_seed(0)
     model = get_peft_model(PooledOutput(ViTModel(config)), LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
-    return model, [torch.randn(batch, 3, image, image)], "ViT, LoRA on queries and values"
+    return model, [torch.randn(batch, 3, size, size)], "ViT, LoRA on queries and values"
+
+
+class LastHiddenState(nn.Module):
+    """Calls a transformers language model on token ids and returns its last hidden state."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids).last_hidden_state
+
+
+def llama_lora(batch: int = 4, size: int = 64):
+    """A small Llama (RMSNorm, SwiGLU, rotary attention) with peft LoRA (rank 8) on the
+    attention queries and values, peft's default targets for Llama."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaModel
+
+    config = LlamaConfig(
+        hidden_size=128, intermediate_size=344, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, vocab_size=256, max_position_embeddings=size,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = get_peft_model(LastHiddenState(LlamaModel(config)), LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
+    tokens = torch.randint(0, config.vocab_size, (batch, size), generator=torch.Generator().manual_seed(0))
+    return model, [tokens], "Llama, LoRA on queries and values"
 
 
 WORKLOADS: dict[str, Workload] = {
@@ -96,4 +124,11 @@ WORKLOADS: dict[str, Workload] = {
     "convnext_bitfit": convnext_bitfit,
     "mobilenet_v2_bitfit": mobilenet_v2_bitfit,
     "vit_lora": vit_lora,
+    "llama_lora": llama_lora,
 }
+
+
+def build(name: str, batch: int | None = None, size: int | None = None) -> tuple[nn.Module, list[torch.Tensor], str]:
+    """Workload `name`, at its own batch and size where these are None."""
+    given = {"batch": batch, "size": size}
+    return WORKLOADS[name](**{k: v for k, v in given.items() if v is not None})

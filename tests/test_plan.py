@@ -197,7 +197,7 @@ def test_plots_a_png(known_plan, tmp_path):
 def test_transformers_models_match_what_the_hooks_see(name):
     from benchmarks.workloads import WORKLOADS
 
-    model, inputs, _ = WORKLOADS[name](batch=4, image=64)
+    model, inputs, _ = WORKLOADS[name](batch=4, size=64)
     plan = memsave_fx.plan(model, *inputs)
     assert_close(plan.saved_bytes, saved_bytes_of(copy.deepcopy(model), inputs, "memsave"))
     torch._dynamo.reset()
