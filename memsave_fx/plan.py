@@ -236,7 +236,10 @@ def plan(model: nn.Module, *args: Any, options: dict[str, Any] | None = None, **
     fake = functools.partial(_fake, fake_mode)
     fake_model = _fake_copy(model, fake)
     fake_args, fake_kwargs = pytree.tree_map_only(torch.Tensor, fake, (args, kwargs))
-    compiled = torch.compile(_fresh_copy(_call), backend=backend, options=options, **_ISOLATED)
+    # Static: a plan is for these shapes and values. Automatic dynamism would carry over from
+    # earlier plans (Dynamo keys it by code location) and turn, say, a module's float eps
+    # into a tensor input whose value a fake tensor cannot give.
+    compiled = torch.compile(_fresh_copy(_call), backend=backend, options=options, dynamic=False, **_ISOLATED)
     # A cache hit would skip the passes and the partitioner, which record the graphs.
     with fake_mode, torch._functorch.config.patch(enable_autograd_cache=False):
         compiled(fake_model, fake_args, fake_kwargs)

@@ -159,6 +159,23 @@ def test_plan_computes_nothing_real_and_leaves_no_compiled_code():
     assert all(p.grad is None and torch.equal(p, before[name]) for name, p in model.named_parameters())
 
 
+class ScaledRMSNorm(nn.Module):
+    def __init__(self, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+
+
+def test_plans_in_a_row_keep_float_attributes_constant():
+    # The second plan sees another value of `eps` at the same code location; Dynamo's
+    # automatic dynamism would make it a tensor input that fake tensors cannot read.
+    for eps in (1e-5, 1e-6):
+        model = nn.Sequential(nn.Linear(8, 8), ScaledRMSNorm(eps), nn.Linear(8, 2))
+        assert memsave_fx.plan(model, torch.randn(4, 8)).saved_bytes > 0
+
+
 def test_a_model_without_backward_keeps_nothing():
     model, x = known_answer()
     model.requires_grad_(False)

@@ -22,11 +22,13 @@ fewer bytes of the norm's values.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import operator
 
 import torch
 import torch.fx as fx
+from torch._functorch.partitioners import OpTypes, get_default_op_list
 
 from ..analysis import IS_BACKWARD, IS_FORWARD, SAVED_AS, Decision, SavedAs
 from ..config import MemsaveConfig
@@ -83,7 +85,7 @@ def _match_norm(rstd: fx.Node) -> _Norm | None:
     if not rstd.meta[IS_FORWARD]:
         return None
     shifted = rstd.args[0]
-    if shifted.target is not aten.add.Tensor or not _positive_scalar(shifted.args[1]):
+    if shifted.target not in (aten.add.Tensor, aten.add.Scalar) or not _positive_scalar(shifted.args[1]):
         return None  # without a positive eps, rstd may be infinite and x̂ / rstd undefined
     statistic = shifted.args[0]
     if statistic.target is operator.getitem and statistic.args[0].target is aten.var_mean.correction:
@@ -177,11 +179,11 @@ def _share(graph: fx.Graph, norm: _Norm) -> Rewrite:
     step = _step_after_shared(norm, shared_dtype)
     if step is not None and step.target not in _COMMUTATIVE:
         return declined(f"x̂ is cast by {step.name} before its affine steps: rebuilding it would merge into the forward's")
-    before = _bytes({_base(v) for _, v in reads} | kept)
-    after = _bytes(kept) + norm.normalized.meta["val"].numel() * shared_dtype.itemsize
-    if after >= before:
-        names = ", ".join(sorted({_base(v).name for _, v in reads} | {v.name for v in kept}))
-        return declined(f"nothing to share: the backward reads only {names}")
+    stock = _stock_keeps(norm, reads, kept)
+    shared_bytes = norm.normalized.meta["val"].numel() * shared_dtype.itemsize
+    if shared_bytes + _bytes(kept) >= _bytes(stock | kept):
+        names = ", ".join(sorted(v.name for v in stock | kept))
+        return declined(f"nothing to share: stock compilation keeps only {names}")
 
     for duplicate, original in duplicates.items():
         duplicate.replace_all_uses_with(original)
@@ -198,6 +200,39 @@ def _share(graph: fx.Graph, norm: _Norm) -> Rewrite:
     )
     shared.meta[SAVED_AS] = SavedAs(Decision.SHARED, shared.name, reason)
     return Rewrite(share_normalized_output.__name__, output.name, tuple(released), True, reason)
+
+
+def _stock_keeps(norm: _Norm, reads: list[tuple[fx.Node, fx.Node]], kept: set[fx.Node]) -> set[fx.Node]:
+    """What the partitioner would keep of the values `reads` read. A value a matmul (or any
+    op it cannot fuse) reads in the backward is kept as it is. Values read by pointwise ops
+    it recomputes from an earlier value of the chain source -> centered -> x̂ -> y, if one is
+    kept: so besides the materialised ones it keeps the earliest value read."""
+    chain = [norm.source, norm.centered, norm.normalized, *norm.affine]
+    position = {value: index for index, value in enumerate(chain)}
+
+    def base(value: fx.Node) -> fx.Node:  # the chain value a view reads
+        while value not in position:
+            value = value.args[0]
+        return value
+
+    materialised = {base(v) for reader, v in reads if _materialises(reader)}
+    available = [position[v] for v in materialised | kept if v in position]
+    first_available = min(available, default=len(chain))
+    earlier = [base(v) for reader, v in reads if not _materialises(reader) and position[base(v)] < first_available]
+    return materialised | ({min(earlier, key=position.__getitem__)} if earlier else set())
+
+
+def _materialises(reader: fx.Node) -> bool:
+    """Whether `reader`, or an op reading it through views, is one the partitioner cannot
+    fuse with a recomputation of its input (a matmul, a convolution, attention)."""
+    if _is_view(reader):
+        return any(_materialises(user) for user in reader.users)
+    return reader.op == "call_function" and not _op_types().is_fusible(reader)
+
+
+@functools.cache
+def _op_types() -> OpTypes:
+    return get_default_op_list()
 
 
 def _duplicates(graph: fx.Graph, values: tuple[fx.Node, ...]) -> dict[fx.Node, fx.Node]:
@@ -258,12 +293,6 @@ def _with_views(values: tuple[fx.Node, ...]) -> set[fx.Node]:
 
 def _is_view(node: fx.Node) -> bool:
     return node.op == "call_function" and getattr(node.target, "is_view", False)
-
-
-def _base(value: fx.Node) -> fx.Node:
-    while _is_view(value):
-        value = value.args[0]
-    return value
 
 
 def _bytes(values: set[fx.Node]) -> int:
