@@ -221,14 +221,8 @@ def _compile_eager(
     )(gm, example_inputs)
 
 
-_NOT_YET_AVAILABLE: dict[str, object] = {}
-
-
 def _check_available(config: MemsaveConfig) -> None:
-    # Refuse rather than silently compile without a requested lossy or sharing pass.
-    for name, value in _NOT_YET_AVAILABLE.items():
-        if getattr(config, name) == value:
-            raise NotImplementedError(f"memsave option {name}={value!r} is not available in memsave_fx {__version__}")
+    # Refuse rather than silently compile without a requested lossy pass.
     if config.pool_activations != 1:
         raise NotImplementedError(
             f"memsave option pool_activations={config.pool_activations} is not available in "

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.mark.parametrize("workload", [resnet_stem, resnet_bitfit], ids=["stem", "bitfit"])
 def test_resnet_keeps_at_most_half_of_inductor(workload):
-    model, inputs, _ = workload(batch=4, image=96)
+    model, inputs, _ = workload(batch=4, size=96)
     backend = memsave_fx.backend()
     # Stock Inductor's own CPU gradients differ from eager by 1.6e-3 x max|grad| on these
     # models (eager fp32 vs fp64: 2e-7); memsave must match Inductor to fp32 rounding.

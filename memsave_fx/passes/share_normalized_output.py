@@ -171,7 +171,7 @@ def _share(graph: fx.Graph, norm: _Norm) -> Rewrite:
             by_norm = reader.meta.get("seq_nr") in norm_ops
             if value in rebuildable or (value is norm.centered and by_norm):
                 reads.append((reader, value))
-            elif value in norm.statistics[1:] or (value in (norm.source, norm.centered) and by_norm):
+            elif value in norm.statistics[1:] or (value is norm.source and by_norm):
                 kept.add(value)
     if not reads:
         return declined("the backward reads neither its output nor x̂")
@@ -251,7 +251,8 @@ def _duplicates(graph: fx.Graph, values: tuple[fx.Node, ...]) -> dict[fx.Node, f
 
     keys = [(v, fx.node.map_arg(v.args, canonical)) for v in values]
     for node in graph.nodes:
-        if node.op != "call_function" or node in values:
+        # Forward nodes stay as they are: the forward must be the stock one, bit for bit.
+        if node.op != "call_function" or node in values or node.meta[IS_FORWARD]:
             continue
         args = fx.node.map_arg(node.args, canonical)
         for value, value_args in keys:
@@ -303,27 +304,30 @@ def _narrower(a: torch.dtype, b: torch.dtype) -> torch.dtype:
     return b if b.itemsize < a.itemsize else a
 
 
-def _shared_value(graph: fx.Graph, norm: _Norm, dtype: torch.dtype) -> fx.Node:
-    """x̂ in `dtype`: x̂ itself, the forward's own cast of it, or a new cast in the forward."""
+def _existing_shared(norm: _Norm, dtype: torch.dtype) -> int | None:
+    """Where in (x̂, *affine) the forward already holds x̂ in `dtype`: x̂ itself, or its cast."""
     if norm.normalized.meta["val"].dtype == dtype:
-        return norm.normalized
+        return 0
     first = norm.affine[0] if norm.affine else None
     if first is not None and first.target is prims.convert_element_type.default and first.args[1] == dtype:
-        return first
-    cast = (norm.normalized, dtype)
-    return insert_call(graph, prims.convert_element_type.default, cast, like=norm.normalized, before=norm.normalized.next)
+        return 1
+    return None
 
 
 def _step_after_shared(norm: _Norm, dtype: torch.dtype) -> fx.Node | None:
-    """The affine step that reads the shared x̂ directly, if the forward has one."""
+    """The forward's affine step that reads the shared x̂ directly, if any."""
     chain = (norm.normalized, *norm.affine)
-    if norm.normalized.meta["val"].dtype == dtype:
-        position = 0
-    elif norm.affine and norm.affine[0].target is prims.convert_element_type.default and norm.affine[0].args[1] == dtype:
-        position = 1
-    else:
-        return None  # a new cast: every rebuilt step reads new nodes
-    return chain[position + 1] if position + 1 < len(chain) else None
+    position = _existing_shared(norm, dtype)
+    return chain[position + 1] if position is not None and position + 1 < len(chain) else None
+
+
+def _shared_value(graph: fx.Graph, norm: _Norm, dtype: torch.dtype) -> fx.Node:
+    """x̂ in `dtype`: x̂ itself, the forward's own cast of it, or a new cast in the forward."""
+    position = _existing_shared(norm, dtype)
+    if position is not None:
+        return (norm.normalized, *norm.affine)[position]
+    cast = (norm.normalized, dtype)
+    return insert_call(graph, prims.convert_element_type.default, cast, like=norm.normalized, before=norm.normalized.next)
 
 
 class _Rebuilder:
