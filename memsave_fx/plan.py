@@ -456,8 +456,10 @@ def _module_path(node: fx.Node) -> str:
 
 
 def _clean_module_path(path: str) -> str:
-    """Dynamo's "L['self'].layer1[0]._modules['conv1']" as "layer1.0.conv1"."""
+    """Dynamo's "L['self'].layer1[0]._modules['conv1']" as "layer1.0.conv1"; modules reached
+    through `__dict__['_modules']` (peft's wrappers) the same way."""
     path = re.sub(r"^L\['\w+'\]", "", path)
+    path = path.replace(".__dict__['_modules']", "._modules")
     path = re.sub(r"(?:\._modules)?\['([^']+)'\]|\[(\d+)\]", lambda m: "." + (m.group(1) or m.group(2)), path)
     return path.strip(".")
 

@@ -47,4 +47,7 @@ def test_plan_marks_llamas_shared_x_hat():
     plan = memsave_fx.plan(model, *inputs, options={"share_norms": True})
     shared = [t for t in plan.tensors if t.decision is Decision.SHARED]
     assert shared and all("RMSNorm" in t.reason and "rebuilt from them" in t.reason for t in shared)
+    # Module paths through peft's wrappers read as parameter names do.
+    assert all(t.module.startswith("base_model.model.model.layers.") for t in shared)
+    assert not [t.module for t in plan.tensors if "__dict__" in t.module]
     assert plan.saved_bytes < plan.baseline_saved_bytes
