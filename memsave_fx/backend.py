@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.fx as fx
 
-from ._version import __version__
 from .analysis import GraphInput, InputKind
 from .config import MemsaveConfig
 
@@ -106,7 +105,6 @@ class MemsaveBackend:
     def _resolve(self, mode: str | None, options: dict[str, Any] | None) -> tuple[MemsaveConfig, dict[str, Any]]:
         overrides, inductor_options = MemsaveConfig.split_options(options)
         config = dataclasses.replace(self.config, **overrides)
-        _check_available(config)
         for reserved in (_JOINT_PASS_OPTION, _PARTITIONER_OPTION):
             if reserved in inductor_options:
                 raise ValueError(
@@ -219,15 +217,6 @@ def _compile_eager(
         partition_fn=partition,
         keep_inference_input_mutations=True,
     )(gm, example_inputs)
-
-
-def _check_available(config: MemsaveConfig) -> None:
-    # Refuse rather than silently compile without a requested lossy pass.
-    if config.pool_activations != 1:
-        raise NotImplementedError(
-            f"memsave option pool_activations={config.pool_activations} is not available in "
-            f"memsave_fx {__version__}; use 1"
-        )
 
 
 def backend(**config: Any) -> MemsaveBackend:

@@ -105,12 +105,6 @@ def test_reserved_inductor_hook_is_refused():
         memsave_backend(torch.fx.symbolic_trace(model), inputs, options={"joint_custom_pre_pass": None})
 
 
-def test_unavailable_passes_are_refused_not_skipped():
-    model, inputs = small_frozen_convnet()
-    with pytest.raises(NotImplementedError, match="not available"):
-        memsave_backend(torch.fx.symbolic_trace(model), inputs, options={"pool_activations": 2})
-
-
 def test_options_override_the_backend_config():
     model, inputs = small_frozen_convnet()
     backend = memsave_fx.backend(compiler="inductor")

@@ -96,17 +96,41 @@ def graph_code(gm: fx.GraphModule) -> str:
 
 
 def assert_pass_leaves_graph_unchanged(
-    rewrite_pass: Any, model: torch.nn.Module, inputs: Sequence[torch.Tensor], config: Any = None
+    rewrite_pass: Any,
+    model: torch.nn.Module,
+    inputs: Sequence[torch.Tensor],
+    config: Any = None,
+    *,
+    decomposed: bool = False,
 ) -> None:
-    """Run one pass over `model`'s analysed joint graph: it must record nothing and change nothing."""
+    """Run one pass over `model`'s analysed joint graph: it must apply nothing and change
+    nothing. With `decomposed`, over the graph memsave's pass sees: after Inductor's
+    decompositions, where a pass may find its pattern and decline it (and record why)."""
     from memsave_fx import MemsaveConfig
     from memsave_fx.analysis import analyze_joint_graph
 
-    gm = joint_graph(model, *inputs)
+    gm = decomposed_joint_graph(model, *inputs) if decomposed else joint_graph(model, *inputs)
     before = graph_code(gm)
     analyze_joint_graph(gm.graph)
-    assert rewrite_pass(gm.graph, config or MemsaveConfig()) == []
+    rewrites = rewrite_pass(gm.graph, config or MemsaveConfig())
+    if decomposed:
+        assert not [r for r in rewrites if r.applied], rewrites
+    else:
+        assert rewrites == []
     assert graph_code(gm) == before
+
+
+def decomposed_joint_graph(model: torch.nn.Module, *inputs: torch.Tensor) -> fx.GraphModule:
+    """The joint graph Inductor hands its `joint_custom_pre_pass`: decomposed, not partitioned."""
+    captured: list[fx.GraphModule] = []
+
+    def capture(graph: fx.Graph) -> None:
+        captured.append(copy.deepcopy(graph.owning_module))
+
+    with torch._inductor.config.patch(joint_custom_pre_pass=capture, force_disable_caches=True):
+        torch.compile(model, backend="inductor")(*inputs)
+    (graph_module,) = captured
+    return graph_module
 
 
 def saved_bytes_of(model: torch.nn.Module, inputs: Sequence[torch.Tensor], backend: Any) -> int:
