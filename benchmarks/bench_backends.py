@@ -5,7 +5,7 @@ excluded), median step time over interleaved steps, and cold compile time. On CU
 reports torch.cuda.max_memory_allocated over forward and backward.
 
     python benchmarks/bench_backends.py [--steps 20] [--device cpu|cuda] [--workloads resnet_stem ...]
-        [--options approx_activations share_norms]
+        [--options approx_activations share_norms] [--pool-activations 2]
 """
 
 from __future__ import annotations
@@ -150,8 +150,9 @@ def workload_parser(description: str, steps: int) -> argparse.ArgumentParser:
 def main() -> None:
     parser = workload_parser(__doc__, steps=20)
     parser.add_argument("--options", nargs="+", default=[], choices=LOSSY_OPTIONS, help="memsave options to turn on")
+    parser.add_argument("--pool-activations", type=int, default=1, help="memsave's pool_activations (k > 1 pools)")
     args = parser.parse_args()
-    options = dict.fromkeys(args.options, True)
+    options = dict.fromkeys(args.options, True) | {"pool_activations": args.pool_activations}
     results = [measure_workload(w, args.steps, args.device, args.batch, args.size, options) for w in args.workloads]
     print_table(results)
     if args.json:

@@ -44,6 +44,12 @@ def resnet_stem(batch: int = 8, size: int = 128):
     return PooledOutput(model), [torch.randn(batch, 3, size, size)], "ResNet, only the stem trainable, BN eval"
 
 
+def resnet_full(batch: int = 8, size: int = 128):
+    """Full fine-tuning: every parameter trains; BatchNorm in eval mode."""
+    model = _resnet()
+    return PooledOutput(model), [torch.randn(batch, 3, size, size)], "ResNet, full fine-tuning, BN eval"
+
+
 def resnet_bitfit(batch: int = 8, size: int = 128):
     """Only biases and normalisation parameters train (BitFit); BatchNorm in eval mode."""
     model = _resnet()
@@ -120,6 +126,7 @@ def llama_lora(batch: int = 4, size: int = 64):
 
 WORKLOADS: dict[str, Workload] = {
     "resnet_stem": resnet_stem,
+    "resnet_full": resnet_full,
     "resnet_bitfit": resnet_bitfit,
     "convnext_bitfit": convnext_bitfit,
     "mobilenet_v2_bitfit": mobilenet_v2_bitfit,
