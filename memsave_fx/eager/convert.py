@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import warnings
 
 import torch.fx as fx
@@ -36,6 +37,12 @@ def convert(model: nn.Module) -> nn.Module:
 
 def _convert(module: nn.Module, name: str, untraceable: dict[str, str]) -> nn.Module:
     if type(module).forward is nn.Module.forward:  # a container such as ModuleList: no code of its own
+        return _convert_children(module, name, untraceable)
+    optional = [p.name for p in inspect.signature(module.forward).parameters.values() if p.default is None]
+    if optional:
+        # A trace sees a proxy, never None, so it would fix every `is None` test on these
+        # arguments to one branch, and calls that leave them out would run the other's code.
+        untraceable[name] = f"{type(module).__name__}: its optional arguments ({', '.join(optional)}) may be None"
         return _convert_children(module, name, untraceable)
     try:
         traced = fx.symbolic_trace(module)

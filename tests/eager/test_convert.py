@@ -104,6 +104,29 @@ def test_untraceable_model_converts_its_traceable_parts_and_says_which_are_not()
         saved, eager_saved = check_exact(model, [random_input(2, 3, 10, 10, dtype=torch.float32, requires_grad=False)], saves_less=True)
 
 
+class OptionalMask(nn.Module):
+    """A forward with an optional argument, as transformers modules have many."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+
+    def forward(self, x, mask=None):
+        x = self.conv(x)
+        return x if mask is None else x * mask
+
+
+def test_optional_arguments_are_not_fixed_by_a_trace():
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), OptionalMask())
+    model[1].conv[0].requires_grad_(False)
+    with pytest.warns(UserWarning, match=r"OptionalMask: its optional arguments \(mask\) may be None"):
+        ours = memsave_fx.convert(model[1])
+    assert isinstance(ours.conv, torch.fx.GraphModule)  # its own submodules still convert
+    x, mask = torch.randn(2, 3, 6, 6), torch.rand(2, 4, 4, 4)
+    torch.testing.assert_close(ours(x), model[1](x), rtol=0, atol=0)
+    torch.testing.assert_close(ours(x, mask), model[1](x, mask), rtol=0, atol=0)
+
+
 def test_nothing_to_convert_returns_the_model():
     model = nn.Sequential(nn.Linear(3, 3), nn.GELU())
     assert memsave_fx.convert(model) is model
