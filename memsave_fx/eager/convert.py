@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import warnings
+from collections.abc import Callable
 
 import torch.fx as fx
 from torch import nn
 
-from .rewrite import REWRITES, rewrite
+from .rewrite import REWRITES, module_replacement, rewrite
 
 
 def convert(model: nn.Module) -> nn.Module:
@@ -38,6 +40,11 @@ def convert(model: nn.Module) -> nn.Module:
 def _convert(module: nn.Module, name: str, untraceable: dict[str, str]) -> nn.Module:
     if type(module).forward is nn.Module.forward:  # a container such as ModuleList: no code of its own
         return _convert_children(module, name, untraceable)
+    replacement = module_replacement(module)
+    if replacement is not None:
+        # A layer stays an instance of its class, so that code reading its attributes (a
+        # dropout's p, a conv's stride) still finds them; only its forward is memsave's.
+        return module if isinstance(replacement, str) else _with_forward(module, replacement)
     optional = [p.name for p in inspect.signature(module.forward).parameters.values() if p.default is None]
     if optional:
         # A trace sees a proxy, never None, so it would fix every `is None` test on these
@@ -69,6 +76,13 @@ def _convert_children(module: nn.Module, name: str, untraceable: dict[str, str])
         setattr(copied, registry, copy.copy(getattr(module, registry)))
     for child_name, child in children.items():
         copied._modules[child_name] = child
+    return copied
+
+
+def _with_forward(module: nn.Module, replacement: Callable[..., object]) -> nn.Module:
+    """A shallow copy of `module` whose forward calls `replacement(module, *args)`."""
+    copied = copy.copy(module)
+    copied.forward = functools.partial(replacement, copied)
     return copied
 
 

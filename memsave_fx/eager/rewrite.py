@@ -119,7 +119,7 @@ def _replace_call(graph: fx.Graph, node: fx.Node, gm: fx.GraphModule) -> Replace
         return _call_function(node, METHODS[node.target], node.args)
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
-        replacement = _module_replacement(module)
+        replacement = module_replacement(module)
         if replacement is None:
             return None
         if isinstance(replacement, str):
@@ -136,7 +136,7 @@ def _call_function(node: fx.Node, target: Callable[..., object], args: tuple) ->
     return Replacement(node.name, True, f"calls {_qualified_name(target)}")
 
 
-def _module_replacement(module: nn.Module) -> Callable[..., object] | str | None:
+def module_replacement(module: nn.Module) -> Callable[..., object] | str | None:
     """The replacement for calls of `module`, why there is none, or None if it saves nothing memsave could."""
     base = next((cls for cls in type(module).__mro__ if cls in MODULES), None)
     if base is None:

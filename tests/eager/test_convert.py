@@ -127,6 +127,35 @@ def test_optional_arguments_are_not_fixed_by_a_trace():
     torch.testing.assert_close(ours(x, mask), model[1](x, mask), rtol=0, atol=0)
 
 
+class ReadsDropoutRate(nn.Module):
+    """Code that reads a layer's attributes, as transformers' attention reads `dropout.p`; the
+    data-dependent branch keeps it from being traced, so its children convert one by one."""
+
+    def __init__(self):
+        super().__init__()
+        self.dropout = nn.Dropout(0.25)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        if x.sum() > 0:
+            x = x * 2
+        return self.relu(x) * (1 - self.dropout.p) + self.dropout(x)
+
+
+def test_converted_layers_keep_their_class_and_attributes():
+    model = ReadsDropoutRate()
+    with pytest.warns(UserWarning, match="could not trace"):
+        ours = memsave_fx.convert(model)
+    assert type(ours.dropout) is nn.Dropout and ours.dropout.p == 0.25 and ours.dropout is not model.dropout
+    assert type(ours.relu) is nn.ReLU and ours.relu is not model.relu
+    x = torch.randn(4, 8)
+    torch.manual_seed(0)
+    want = model(x)
+    torch.manual_seed(0)
+    torch.testing.assert_close(ours(x), want, rtol=0, atol=0)
+    assert saved_activation_bytes(ours, x.requires_grad_())[1] < saved_activation_bytes(model, x)[1]
+
+
 def test_nothing_to_convert_returns_the_model():
     model = nn.Sequential(nn.Linear(3, 3), nn.GELU())
     assert memsave_fx.convert(model) is model
