@@ -1,0 +1,338 @@
+"""The benchmark suite: memsave against eager PyTorch and stock torch.compile, side by side.
+
+The selective-differentiation cases of the memsave paper (Bhatia & Dangel, 2024) and the
+LoRA setting of Approx-BP, on small transformers models (nothing is downloaded) and a plain
+CNN. One row per model, case and backend:
+
+- saved_bytes: what the step keeps for backward (saved_tensors_hooks; parameters and buffers
+  excluded);
+- peak_bytes: torch.cuda.max_memory_allocated over forward and backward on CUDA; on CPU the
+  memory plan's estimate for the compiled backends, marked `peak_is_estimate` (not with
+  --quick, which leaves it null), else null;
+- step_ms: the median of interleaved steps; compile_s: the first step minus a median step;
+- grad_error: the largest gradient difference, relative to the largest gradient, and
+  grad_cosine: the cosine similarity of all gradients together; against stock Inductor for the
+  compiled backends and against eager PyTorch for eager ones (each side draws dropout masks
+  from its own generator).
+
+    python benchmarks/run.py --quick --json results.json     # a subset, minutes on a laptop CPU
+    python benchmarks/run.py                                 # the full matrix
+    python benchmarks/run.py --models cnn resnet --cases all bitfit --backends inductor memsave
+
+It writes `results.md` and `results.png` to --results-dir (default: benchmarks/results/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import memsave_fx  # noqa: E402
+from benchmarks.bench_backends import interleaved_steps, loss_of, synchronize  # noqa: E402
+from benchmarks.workloads import LastHiddenState, PooledOutput  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+LOSSY = {"approx_activations": True, "share_norms": True, "pool_activations": 2}
+
+
+# Models: (model, inputs, whether the input is a float tensor that can want a gradient).
+def plain_cnn(batch: int) -> tuple[nn.Module, list[torch.Tensor]]:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Dropout(0.1),
+        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Dropout(0.1),
+        nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10),
+    )  # fmt: skip
+    return model, [torch.randn(batch, 3, 64, 64)]
+
+
+def resnet(batch: int) -> tuple[nn.Module, list[torch.Tensor]]:
+    from transformers import ResNetConfig, ResNetModel
+
+    config = ResNetConfig(embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1], layer_type="basic")
+    torch.manual_seed(0)
+    return PooledOutput(ResNetModel(config)), [torch.randn(batch, 3, 64, 64)]
+
+
+def vit(batch: int) -> tuple[nn.Module, list[torch.Tensor]]:
+    from transformers import ViTConfig, ViTModel
+
+    config = ViTConfig(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512, image_size=64, patch_size=8)
+    torch.manual_seed(0)
+    return PooledOutput(ViTModel(config)), [torch.randn(batch, 3, 64, 64)]
+
+
+def bert(batch: int) -> tuple[nn.Module, list[torch.Tensor]]:
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512, vocab_size=512)
+    torch.manual_seed(0)
+    return LastHiddenState(BertModel(config, add_pooling_layer=False)), [_tokens(batch, config.vocab_size)]
+
+
+def llama(batch: int) -> tuple[nn.Module, list[torch.Tensor]]:
+    from transformers import LlamaConfig, LlamaModel
+
+    config = LlamaConfig(
+        hidden_size=128, intermediate_size=344, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=4, vocab_size=512, max_position_embeddings=64,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return LastHiddenState(LlamaModel(config)), [_tokens(batch, config.vocab_size)]
+
+
+def _tokens(batch: int, vocab: int) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, 64), generator=torch.Generator().manual_seed(0))
+
+
+MODELS: dict[str, Callable[[int], tuple[nn.Module, list[torch.Tensor]]]] = {
+    "cnn": plain_cnn, "resnet": resnet, "vit": vit, "bert": bert, "llama": llama,
+}  # fmt: skip
+LORA_TARGETS = {"vit": ["q_proj", "v_proj"], "bert": ["query", "value"], "llama": ["q_proj", "v_proj"]}
+HAS_BATCH_NORM = {"resnet"}
+HAS_NO_NORMS = {"cnn"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """Which parameters train, whether the input wants a gradient, BatchNorm's mode."""
+
+    name: str
+    description: str
+    trainable: Callable[[str, int, int], bool]  # (parameter name, its layer's index, how many layers) -> trains?
+    input_grad: bool = False
+    lora: bool = False
+    bn_eval: bool = False
+
+
+def _is_norm(name: str) -> bool:
+    return any(part in name.lower() for part in ("norm", "normalization"))
+
+
+CASES = {
+    "all": Case("all", "all parameters trainable", lambda n, i, count: True),
+    "input_only": Case("input_only", "every weight frozen, the input requires grad", lambda n, i, count: False, input_grad=True),
+    "norms": Case("norms", "only normalisation parameters", lambda n, i, count: _is_norm(n)),
+    "bitfit": Case("bitfit", "biases and norms (BitFit)", lambda n, i, count: n.endswith("bias") or _is_norm(n)),
+    "surgical_first": Case("surgical_first", "the first quarter of the layers", lambda n, i, count: i < count / 4),
+    "surgical_last": Case("surgical_last", "the last quarter of the layers", lambda n, i, count: i >= 3 * count / 4),
+    "lora": Case("lora", "peft LoRA (rank 8) on the attention queries and values", lambda n, i, count: False, lora=True),
+    "all_bn_eval": Case("all_bn_eval", "all parameters trainable, BatchNorm in eval mode", lambda n, i, count: True, bn_eval=True),
+}
+QUICK = {
+    "cnn": ["all", "surgical_first"],
+    "resnet": ["all_bn_eval", "bitfit"],
+    "vit": ["lora"],
+    "bert": ["lora"],
+    "llama": ["lora"],
+}
+
+BACKENDS = ("eager", "inductor", "memsave", "memsave_lossy", "convert")
+
+
+def applies(model: str, case: Case) -> bool:
+    if case.lora:
+        return model in LORA_TARGETS
+    if case.bn_eval:
+        return model in HAS_BATCH_NORM
+    if case.input_grad:
+        return model in ("cnn", "resnet", "vit")  # token ids cannot want a gradient
+    return not (case.name == "norms" and model in HAS_NO_NORMS)
+
+
+def prepare(name: str, case: Case, batch: int) -> tuple[nn.Module, list[torch.Tensor]]:
+    model, inputs = MODELS[name](batch)
+    if case.lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=8, target_modules=LORA_TARGETS[name]))
+    else:
+        # A layer is a module with parameters of its own, in the order the model registers them.
+        layers = list(dict.fromkeys(n.rpartition(".")[0] for n, _ in model.named_parameters()))
+        for parameter_name, parameter in model.named_parameters():
+            index = layers.index(parameter_name.rpartition(".")[0])
+            parameter.requires_grad_(case.trainable(parameter_name, index, len(layers)))
+    model.train(not case.bn_eval)
+    inputs = [x.requires_grad_(case.input_grad) if x.is_floating_point() else x for x in inputs]
+    if not any(p.requires_grad for p in model.parameters()) and not case.input_grad:
+        raise ValueError(f"case {case.name} leaves nothing of {name} trainable")
+    return model, inputs
+
+
+def compiled(backend: str, model: nn.Module) -> Callable[..., torch.Tensor]:
+    if backend == "eager":
+        return model
+    if backend == "convert":
+        return memsave_fx.convert(model)
+    if backend == "inductor":
+        return torch.compile(model, backend="inductor")
+    options = LOSSY if backend == "memsave_lossy" else {}
+    return torch.compile(model, backend=memsave_fx.backend(**options))
+
+
+def measure(
+    name: str, case: Case, backends: list[str], steps: int, device: str, batch: int, estimate_peaks: bool
+) -> list[dict]:
+    model, inputs = prepare(name, case, batch)
+    model, inputs = model.to(device), [x.detach().to(device).requires_grad_(x.requires_grad) for x in inputs]
+    torch._dynamo.reset()  # each case starts with an empty recompile budget
+    runs: dict[str, dict] = {}
+    for backend in backends:
+        replica = copy.deepcopy(model)
+        with torch._inductor.config.patch(force_disable_caches=True):
+            fn = compiled(backend, replica)
+            synchronize(device)
+            start = time.perf_counter()
+            torch.manual_seed(0)
+            output, saved = memsave_fx.saved_activation_bytes(fn, *inputs, exclude=[*replica.parameters(), *replica.buffers()])
+            target = torch.randn(output.shape, generator=torch.Generator().manual_seed(0)).to(device)
+            loss_of(output, target).backward()
+            synchronize(device)
+            first_step = time.perf_counter() - start
+        grads = [p.grad.detach().clone() for p in replica.parameters() if p.requires_grad]
+        grads += [x.grad.detach().clone() for x in inputs if x.requires_grad]
+        for x in inputs:
+            x.grad = None
+        runs[backend] = {"fn": fn, "model": replica, "target": target, "saved": saved, "first": first_step, "grads": grads}
+    times, peaks = interleaved_steps(runs, inputs, steps, device)
+    for x in inputs:
+        x.grad = None
+
+    rows = []
+    for backend, run in runs.items():
+        reference = runs.get("eager" if backend in ("eager", "convert") else "inductor")
+        step = statistics.median(times[backend])
+        if peaks[backend]:
+            peak, estimate = max(peaks[backend]), False
+        else:
+            peak, estimate = _estimated_peak(backend, model, inputs) if estimate_peaks else (None, False)
+        rows.append({
+            "model": name, "case": case.name, "backend": backend, "device": device, "batch": batch,
+            "saved_bytes": run["saved"],
+            "peak_bytes": peak, "peak_is_estimate": estimate,
+            "step_ms": step * 1e3,
+            "compile_s": max(run["first"] - step, 0.0) if backend not in ("eager", "convert") else 0.0,
+            "grad_error": _relative_error(run["grads"], reference["grads"]) if reference is not None else None,
+            "grad_cosine": _cosine(run["grads"], reference["grads"]) if reference is not None else None,
+        })  # fmt: skip
+    return rows
+
+
+def _estimated_peak(backend: str, model: nn.Module, inputs: list[torch.Tensor]) -> tuple[int | None, bool]:
+    """The memory plan's peak estimate, for the backends it models; None for the others."""
+    if backend not in ("inductor", "memsave", "memsave_lossy"):
+        return None, False
+    plan = memsave_fx.plan(model, *inputs, options=LOSSY if backend == "memsave_lossy" else None)
+    return (plan.baseline_peak_bytes if backend == "inductor" else plan.peak_bytes), True
+
+
+def _relative_error(grads: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
+    scale = max((g.abs().max().item() for g in reference), default=0.0) or 1.0
+    return max(((a.double() - b.double()).abs().max().item() for a, b in zip(grads, reference)), default=0.0) / scale
+
+
+def _cosine(grads: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
+    ours, theirs = (torch.cat([g.double().flatten() for g in gs]) for gs in (grads, reference))
+    return torch.nn.functional.cosine_similarity(ours, theirs, dim=0).item()
+
+
+def markdown(rows: list[dict]) -> str:
+    """One table row per model, case and backend, with saved bytes relative to eager."""
+    eager = {(r["model"], r["case"]): r["saved_bytes"] for r in rows if r["backend"] == "eager"}
+    lines = [
+        "| model | case | backend | saved MiB | vs eager | peak MiB | step ms | compile s | grad error | grad cosine |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        base = eager.get((r["model"], r["case"]))
+        ratio = f"{r['saved_bytes'] / base:.2f}x" if base else "-"
+        peak = "-" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**20:.1f}{' (est.)' if r['peak_is_estimate'] else ''}"
+        error = "-" if r["grad_error"] is None else f"{r['grad_error']:.1e}"
+        cosine = "-" if r["grad_cosine"] is None else f"{r['grad_cosine']:.4f}"
+        lines.append(
+            f"| {r['model']} | {r['case']} | {r['backend']} | {r['saved_bytes'] / 2**20:.2f} | {ratio} | {peak} "
+            f"| {r['step_ms']:.1f} | {r['compile_s']:.1f} | {error} | {cosine} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def chart(rows: list[dict], path: Path) -> None:
+    """Saved bytes relative to eager, one group of bars per model and case."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = list(dict.fromkeys((r["model"], r["case"]) for r in rows))
+    backends = [b for b in BACKENDS if any(r["backend"] == b for r in rows)]
+    eager = {(r["model"], r["case"]): r["saved_bytes"] for r in rows if r["backend"] == "eager"}
+    width = 0.8 / len(backends)
+    figure, axes = plt.subplots(figsize=(max(6, 1.4 * len(groups)), 4))
+    for offset, backend in enumerate(backends):
+        values = []
+        for group in groups:
+            row = next((r for r in rows if (r["model"], r["case"]) == group and r["backend"] == backend), None)
+            values.append(row["saved_bytes"] / eager[group] if row and eager.get(group) else float("nan"))
+        axes.bar([i + offset * width for i in range(len(groups))], values, width, label=backend)
+    axes.set_xticks([i + width * (len(backends) - 1) / 2 for i in range(len(groups))])
+    axes.set_xticklabels([f"{m}\n{c}" for m, c in groups], fontsize=8)
+    axes.axhline(1.0, color="grey", linewidth=0.8)
+    axes.set_ylabel("saved for backward, relative to eager")
+    axes.set_title("memory kept for backward (lower is better)")
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a subset of the cases; under 10 minutes on 2 CPU cores")
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    parser.add_argument("--cases", nargs="+", choices=list(CASES), help="default: every case that applies")
+    parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS))
+    parser.add_argument("--steps", type=int, help="timed steps per backend (default 5 quick, 20 full)")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    steps = args.steps or (5 if args.quick else 20)
+
+    rows: list[dict] = []
+    for name in args.models:
+        cases = args.cases or (QUICK[name] if args.quick else list(CASES))
+        for case in (CASES[c] for c in cases):
+            if not applies(name, case):
+                continue
+            print(f"{name} / {case.name}: {case.description}", flush=True)
+            rows += measure(name, case, args.backends, steps, args.device, args.batch, estimate_peaks=not args.quick)
+
+    table = markdown(rows)
+    print(table)
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    header = (
+        f"# memsave benchmark results\n\n`python benchmarks/run.py {' '.join(sys.argv[1:])}` on {args.device}, "
+        f"torch {torch.__version__}, batch {args.batch}, {steps} interleaved steps.\n"
+        f"memsave_lossy: {', '.join(f'{k}={v}' for k, v in LOSSY.items())}.\n\n![saved bytes](results.png)\n\n"
+    )
+    (args.results_dir / "results.md").write_text(header + table)
+    chart(rows, args.results_dir / "results.png")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+"""benchmarks/run.py on its smallest slice: the rows it writes, and what they say."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def rows(tmp_path_factory):
+    out = tmp_path_factory.mktemp("results")
+    command = [
+        sys.executable, str(ROOT / "benchmarks" / "run.py"), "--models", "cnn", "--cases", "all",
+        "--steps", "2", "--json", str(out / "rows.json"), "--results-dir", str(out),
+    ]  # fmt: skip
+    subprocess.run(command, check=True, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert (out / "results.md").read_text().count("| cnn | all |") == 5
+    assert (out / "results.png").read_bytes().startswith(b"\x89PNG")
+    return {row["backend"]: row for row in json.loads((out / "rows.json").read_text())}
+
+
+def test_every_backend_reports_every_metric(rows):
+    assert list(rows) == ["eager", "inductor", "memsave", "memsave_lossy", "convert"]
+    for row in rows.values():
+        assert row["saved_bytes"] > 0 and row["step_ms"] > 0 and row["grad_error"] is not None
+        assert row["peak_is_estimate"] == (row["backend"] in ("inductor", "memsave", "memsave_lossy"))
+
+
+def test_exact_backends_agree_and_keep_less(rows):
+    for backend in ("memsave", "convert"):
+        assert rows[backend]["grad_error"] < 1e-5 and rows[backend]["grad_cosine"] > 0.99999
+    assert rows["memsave"]["saved_bytes"] < rows["inductor"]["saved_bytes"] < rows["eager"]["saved_bytes"]
+    assert rows["convert"]["saved_bytes"] < rows["eager"]["saved_bytes"]
+    assert rows["memsave_lossy"]["saved_bytes"] <= rows["memsave"]["saved_bytes"]
