@@ -210,14 +210,14 @@ def measure(
     for x in inputs:
         x.grad = None
 
+    measured = any(peaks.values())
+    estimated = _estimated_peaks(backends, model, inputs) if estimate_peaks and not measured else {}
     rows = []
     for backend, run in runs.items():
         reference = runs.get("eager" if backend in ("eager", "convert") else "inductor")
         step = statistics.median(times[backend])
-        if peaks[backend]:
-            peak, estimate = max(peaks[backend]), False
-        else:
-            peak, estimate = _estimated_peak(backend, model, inputs) if estimate_peaks else (None, False)
+        peak = max(peaks[backend]) if peaks[backend] else estimated.get(backend)
+        estimate = backend in estimated
         rows.append({
             "model": name, "case": case.name, "backend": backend, "device": device, "batch": batch,
             "saved_bytes": run["saved"],
@@ -230,12 +230,16 @@ def measure(
     return rows
 
 
-def _estimated_peak(backend: str, model: nn.Module, inputs: list[torch.Tensor]) -> tuple[int | None, bool]:
-    """The memory plan's peak estimate, for the backends it models; None for the others."""
-    if backend not in ("inductor", "memsave", "memsave_lossy"):
-        return None, False
-    plan = memsave_fx.plan(model, *inputs, options=LOSSY if backend == "memsave_lossy" else None)
-    return (plan.baseline_peak_bytes if backend == "inductor" else plan.peak_bytes), True
+def _estimated_peaks(backends: list[str], model: nn.Module, inputs: list[torch.Tensor]) -> dict[str, int]:
+    """The memory plan's peak estimates for the backends it models: one plan gives stock
+    Inductor's (its baseline) and memsave's, another the lossy options'."""
+    estimates = {}
+    if {"inductor", "memsave"} & set(backends):
+        plan = memsave_fx.plan(model, *inputs)
+        estimates |= {"inductor": plan.baseline_peak_bytes, "memsave": plan.peak_bytes}
+    if "memsave_lossy" in backends:
+        estimates["memsave_lossy"] = memsave_fx.plan(model, *inputs, options=LOSSY).peak_bytes
+    return {backend: peak for backend, peak in estimates.items() if backend in backends}
 
 
 def _relative_error(grads: list[torch.Tensor], reference: list[torch.Tensor]) -> float:

@@ -70,10 +70,7 @@ def _convert_children(module: nn.Module, name: str, untraceable: dict[str, str])
     }
     if all(children[n] is child for n, child in module.named_children()):
         return module
-    # A shallow copy whose own registries are new, so the caller's model keeps its children.
-    copied = copy.copy(module)
-    for registry in ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"):
-        setattr(copied, registry, copy.copy(getattr(module, registry)))
+    copied = _shallow_copy(module)
     for child_name, child in children.items():
         copied._modules[child_name] = child
     return copied
@@ -81,8 +78,18 @@ def _convert_children(module: nn.Module, name: str, untraceable: dict[str, str])
 
 def _with_forward(module: nn.Module, replacement: Callable[..., object]) -> nn.Module:
     """A shallow copy of `module` whose forward calls `replacement(module, *args)`."""
-    copied = copy.copy(module)
+    copied = _shallow_copy(module)
     copied.forward = functools.partial(replacement, copied)
+    return copied
+
+
+def _shallow_copy(module: nn.Module) -> nn.Module:
+    """A copy sharing the tensors and submodules of `module` but with registries of its own
+    (parameters, buffers, submodules, hooks), so that changing one leaves the other as it is."""
+    copied = copy.copy(module)
+    for name, value in vars(module).items():
+        if isinstance(value, (dict, set)):
+            setattr(copied, name, copy.copy(value))
     return copied
 
 

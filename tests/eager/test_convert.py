@@ -148,6 +148,8 @@ def test_converted_layers_keep_their_class_and_attributes():
         ours = memsave_fx.convert(model)
     assert type(ours.dropout) is nn.Dropout and ours.dropout.p == 0.25 and ours.dropout is not model.dropout
     assert type(ours.relu) is nn.ReLU and ours.relu is not model.relu
+    ours.relu.register_forward_hook(lambda *args: None)
+    assert not model.relu._forward_hooks  # the copy's hooks are its own
     x = torch.randn(4, 8)
     torch.manual_seed(0)
     want = model(x)
