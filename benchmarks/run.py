@@ -31,6 +31,7 @@ import json
 import statistics
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -316,13 +317,18 @@ def main() -> None:
     steps = args.steps or (5 if args.quick else 20)
 
     rows: list[dict] = []
+    failures: list[str] = []
     for name in args.models:
         cases = args.cases or (QUICK[name] if args.quick else list(CASES))
         for case in (CASES[c] for c in cases):
             if not applies(name, case):
                 continue
             print(f"{name} / {case.name}: {case.description}", flush=True)
-            rows += measure(name, case, args.backends, steps, args.device, args.batch, estimate_peaks=not args.quick)
+            try:
+                rows += measure(name, case, args.backends, steps, args.device, args.batch, estimate_peaks=not args.quick)
+            except Exception as error:  # one failing case must not lose the others' rows; the exit status reports it
+                traceback.print_exc()
+                failures.append(f"{name} / {case.name}: {type(error).__name__}: {error}")
 
     table = markdown(rows)
     print(table)
@@ -332,10 +338,14 @@ def main() -> None:
         f"torch {torch.__version__}, batch {args.batch}, {steps} interleaved steps.\n"
         f"memsave_lossy: {', '.join(f'{k}={v}' for k, v in LOSSY.items())}.\n\n![saved bytes](results.png)\n\n"
     )
+    if failures:
+        header += "**Failed cases** (no rows):\n\n" + "".join(f"- {failure}\n" for failure in failures) + "\n"
     (args.results_dir / "results.md").write_text(header + table)
     chart(rows, args.results_dir / "results.png")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
+    if failures:
+        sys.exit(f"{len(failures)} case(s) failed:\n" + "\n".join(failures))
 
 
 if __name__ == "__main__":
