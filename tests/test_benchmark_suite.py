@@ -36,3 +36,26 @@ def test_exact_backends_agree_and_keep_less(rows):
     assert rows["memsave"]["saved_bytes"] < rows["inductor"]["saved_bytes"] < rows["eager"]["saved_bytes"]
     assert rows["convert"]["saved_bytes"] < rows["eager"]["saved_bytes"]
     assert rows["memsave_lossy"]["saved_bytes"] <= rows["memsave"]["saved_bytes"]
+
+
+def test_a_failing_case_is_reported_and_the_others_still_written(tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import run
+
+    def measure(name, case, backends, *args, **kwargs):
+        if case.name == "surgical_first":
+            raise RuntimeError("boom")
+        return [
+            {"model": name, "case": case.name, "backend": backend, "saved_bytes": 2**20, "peak_bytes": None,
+             "peak_is_estimate": False, "step_ms": 1.0, "compile_s": 0.0, "grad_error": 0.0, "grad_cosine": 1.0}
+            for backend in backends
+        ]  # fmt: skip
+
+    monkeypatch.setattr(run, "measure", measure)
+    monkeypatch.setattr(sys, "argv", ["run.py", "--models", "cnn", "--cases", "all", "surgical_first",
+                                      "--backends", "eager", "memsave", "--results-dir", str(tmp_path)])  # fmt: skip
+    with pytest.raises(SystemExit, match=r"1 case\(s\) failed:\ncnn / surgical_first: RuntimeError: boom"):
+        run.main()
+    page = (tmp_path / "results.md").read_text()
+    assert "- cnn / surgical_first: RuntimeError: boom" in page
+    assert page.count("| cnn | all |") == 2 and "| cnn | surgical_first |" not in page
