@@ -40,8 +40,11 @@ def flatten_saved_conv_inputs(graph: fx.Graph, config: MemsaveConfig) -> list[Re
         value = primal.meta.get("val")
         if not isinstance(value, torch.Tensor) or value.dim() != 4:
             continue
-        if not value.is_contiguous():
-            continue  # already channels-last (no copy is made), or not flat-viewable
+        if not value.is_contiguous() or value.is_contiguous(memory_format=torch.channels_last):
+            # Channels-last already, as is a depthwise weight (one input channel): no copy is
+            # made, and re-viewing it flat could change the layout the forward conv runs in.
+            # Or not flat-viewable.
+            continue
         backward_users = [u for u in primal.users if u.meta[IS_BACKWARD]]
         forward_users = [u for u in primal.users if not u.meta[IS_BACKWARD]]
         if not backward_users or not forward_users:

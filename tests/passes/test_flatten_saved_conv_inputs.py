@@ -64,3 +64,14 @@ def test_leaves_graph_unchanged_when_off(config):
 def test_leaves_graph_unchanged_without_convolutions():
     model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
     assert_pass_leaves_graph_unchanged(flatten_saved_conv_inputs, model, [torch.randn(3, 2, 2, 4, requires_grad=True)])
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_leaves_channels_last_and_depthwise_weights_alone(memory_format):
+    """Inductor copies neither; flattening a depthwise weight of a channels-last model and
+    viewing it back would give it contiguous strides, and the forward conv a different layout."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=4), nn.ReLU(), nn.Conv2d(4, 4, 1)).to(memory_format=memory_format)
+    model[2].weight.requires_grad_(False)
+    x = torch.randn(2, 4, 8, 8).to(memory_format=torch.channels_last).requires_grad_()
+    assert_pass_leaves_graph_unchanged(flatten_saved_conv_inputs, model, [x], decomposed=True)
