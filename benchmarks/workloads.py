@@ -75,7 +75,7 @@ def mobilenet_v2_bitfit(batch: int = 8, size: int = 128):
     which here are the BatchNorm shifts."""
     from transformers import MobileNetV2Config, MobileNetV2Model
 
-    config = MobileNetV2Config(num_channels=3, image_size=image, depth_multiplier=0.35)
+    config = MobileNetV2Config(num_channels=3, image_size=size, depth_multiplier=0.35)
     torch.manual_seed(0)
     model = MobileNetV2Model(config).eval()
     for name, parameter in model.named_parameters():

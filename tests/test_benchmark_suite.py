@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.workloads import WORKLOADS, build
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -39,7 +41,6 @@ def test_exact_backends_agree_and_keep_less(rows):
 
 
 def test_a_failing_case_is_reported_and_the_others_still_written(tmp_path, monkeypatch):
-    sys.path.insert(0, str(ROOT))
     from benchmarks import run
 
     def measure(name, case, backends, *args, **kwargs):
@@ -59,3 +60,10 @@ def test_a_failing_case_is_reported_and_the_others_still_written(tmp_path, monke
     page = (tmp_path / "results.md").read_text()
     assert "- cnn / surgical_first: RuntimeError: boom" in page
     assert page.count("| cnn | all |") == 2 and "| cnn | surgical_first |" not in page
+
+
+@pytest.mark.parametrize("name", WORKLOADS)
+def test_every_workload_builds_and_trains(name):
+    model, inputs, description = build(name, batch=2, size=32)
+    model(*inputs).float().square().mean().backward()
+    assert description and any(p.grad is not None for p in model.parameters())
