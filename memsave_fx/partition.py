@@ -140,7 +140,9 @@ def pack_saved_masks(forward: fx.GraphModule, backward: fx.GraphModule) -> int:
         if code is None or received is None:
             continue
         bits, what = code
-        outputs[position] = _pack(forward.graph, saved, bits, before=output)
+        # Packed as soon as computed, so the full-width mask (and what it is computed from)
+        # need not stay alive to the end of the forward.
+        outputs[position] = _pack(forward.graph, saved, bits, before=saved.next)
         packing = f"{what} packed at {bits} bit{'s' * (bits > 1)} per element"
         earlier = saved.meta.get(SAVED_AS)  # a joint pass's stand-in keeps its decision
         outputs[position].meta[SAVED_AS] = (

@@ -135,3 +135,18 @@ def test_offsets_of_windows_over_16_stay_int8():
     model = frozen_conv_after(nn.MaxPool2d(5, 2, 2))
     dtypes = saved_dtypes(model, [torch.randn(1, 3, 13, 13, requires_grad=True)], memsave_fx.backend())
     assert torch.int8 in dtypes
+
+
+def test_masks_are_packed_where_computed():
+    """A mask packed only at the end of the forward would keep the full-width mask, and the
+    values it is computed from, alive through the rest of the forward: the plan's peak then
+    rose above stock Inductor's on BERT."""
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(4):
+        layers += [nn.Linear(64, 64), nn.Dropout(0.2), nn.ReLU()]
+    model = nn.Sequential(*layers)
+    x = torch.randn(256, 64, requires_grad=True)
+    plan = memsave_fx.plan(model, x)
+    assert plan.saved_bytes < plan.baseline_saved_bytes
+    assert plan.peak_bytes <= plan.baseline_peak_bytes, str(plan)
