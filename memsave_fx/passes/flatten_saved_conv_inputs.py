@@ -31,6 +31,8 @@ from .base import Rewrite, insert_call
 aten = torch.ops.aten
 log = logging.getLogger(__name__)
 
+_RECOMPUTED = (CheckpointPolicy.PREFER_RECOMPUTE, CheckpointPolicy.MUST_RECOMPUTE)
+
 
 def flatten_saved_conv_inputs(graph: fx.Graph, config: MemsaveConfig) -> list[Rewrite]:
     if not config.exact_compression or config.compiler != "inductor":
@@ -51,6 +53,14 @@ def flatten_saved_conv_inputs(graph: fx.Graph, config: MemsaveConfig) -> list[Re
             continue
         if any(u.target is not aten.convolution.default for u in forward_users):
             continue  # only a convolution input gets re-strided; others keep their layout
+        if any(u.meta.get("recompute") in _RECOMPUTED for u in forward_users):
+            # Activation checkpointing: the partitioner reruns the convolution in the backward,
+            # copy included, so nothing is saved twice; the forward-only view would break it.
+            rewrites.append(
+                Rewrite(flatten_saved_conv_inputs.__name__, primal.name, (), False,
+                        f"{display_name(primal)} is read inside an activation-checkpointed region")  # fmt: skip
+            )
+            continue
         if not all(is_concrete_int(s) for s in value.shape):
             rewrites.append(
                 Rewrite(flatten_saved_conv_inputs.__name__, primal.name, (), False,
