@@ -4,12 +4,17 @@
     model = memsave_fx.convert(model)  # eager training, no torch.compile
 """
 
-from ._version import __version__
-from .backend import CompiledGraph, MemsaveBackend, backend
-from .config import MemsaveConfig
-from .eager import convert, rewrite
-from .measure import saved_activation_bytes
-from .plan import MemoryPlan, SavedTensor, plan
+import torch as _torch
+
+from ._version import __version__, require_supported_torch
+
+require_supported_torch(_torch.__version__)  # before the modules that rely on torch internals
+
+from .backend import CompiledGraph, MemsaveBackend, backend  # noqa: E402
+from .config import MemsaveConfig  # noqa: E402
+from .eager import convert, rewrite  # noqa: E402
+from .measure import saved_activation_bytes  # noqa: E402
+from .plan import MemoryPlan, SavedTensor, plan  # noqa: E402
 
 __all__ = [
     "CompiledGraph",
