@@ -9,6 +9,7 @@ The backend is registered only through the `torch_dynamo_backends` entry point.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import logging
 import re
@@ -109,6 +110,14 @@ class MemsaveBackend:
             if reserved in inductor_options:
                 raise ValueError(
                     f"option {reserved!r} is reserved for memsave's own passes; "
+                    f"valid memsave options: {', '.join(sorted(MemsaveConfig.option_names()))}"
+                )
+        for key in inductor_options:
+            # A misspelt memsave option would otherwise reach Inductor, whose error names only its own.
+            close = difflib.get_close_matches(key, MemsaveConfig.option_names(), n=1, cutoff=0.8)
+            if close:
+                raise ValueError(
+                    f"unknown option {key!r}; did you mean memsave's {close[0]!r}? "
                     f"valid memsave options: {', '.join(sorted(MemsaveConfig.option_names()))}"
                 )
         if config.compiler == "eager" and (mode not in (None, "default") or inductor_options):

@@ -79,6 +79,14 @@ def test_unknown_keys_go_to_inductor_which_rejects_them():
         memsave_backend(torch.fx.symbolic_trace(model), inputs, options={"no_such_option": 1})
 
 
+@pytest.mark.parametrize("key,meant", [("approx_activation", "approx_activations"), ("share_norm", "share_norms"),
+                                       ("pool_activation", "pool_activations"), ("exact_compresion", "exact_compression")])  # fmt: skip
+def test_misspelt_memsave_options_name_the_valid_ones(key, meant):
+    model, inputs = small_frozen_convnet()
+    with pytest.raises(ValueError, match=f"unknown option '{key}'; did you mean memsave's '{meant}'"):
+        memsave_backend(torch.fx.symbolic_trace(model), inputs, options={key: True})
+
+
 def test_mode_goes_to_inductor():
     model, inputs = small_frozen_convnet()
     with pytest.raises(RuntimeError, match="Unrecognized mode=no-such-mode"):
