@@ -273,32 +273,42 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def chart(rows: list[dict], path: Path) -> None:
-    """Saved bytes relative to eager, one group of bars per model and case."""
+def chart(rows: list[dict], path: Path, ceiling: float = 2.0) -> None:
+    """Saved bytes relative to eager: one panel per model, one group of bars per case. Bars
+    above `ceiling` are cut there and labelled with their value, so one outlier does not
+    flatten the rest."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = list(dict.fromkeys((r["model"], r["case"]) for r in rows))
+    models = list(dict.fromkeys(r["model"] for r in rows))
     backends = [b for b in BACKENDS if any(r["backend"] == b for r in rows)]
     eager = {(r["model"], r["case"]): r["saved_bytes"] for r in rows if r["backend"] == "eager"}
+    most_cases = max(len({r["case"] for r in rows if r["model"] == m}) for m in models)
     width = 0.8 / len(backends)
-    figure, axes = plt.subplots(figsize=(max(6, 1.4 * len(groups)), 4))
-    for offset, backend in enumerate(backends):
-        values = []
-        for group in groups:
-            row = next((r for r in rows if (r["model"], r["case"]) == group and r["backend"] == backend), None)
-            values.append(row["saved_bytes"] / eager[group] if row and eager.get(group) else float("nan"))
-        axes.bar([i + offset * width for i in range(len(groups))], values, width, label=backend)
-    axes.set_xticks([i + width * (len(backends) - 1) / 2 for i in range(len(groups))])
-    axes.set_xticklabels([f"{m}\n{c}" for m, c in groups], fontsize=8)
-    axes.axhline(1.0, color="grey", linewidth=0.8)
-    axes.set_ylabel("saved for backward, relative to eager")
-    axes.set_title("memory kept for backward (lower is better)")
-    axes.legend(fontsize=8)
+    figure, panels = plt.subplots(len(models), 1, figsize=(max(7, 1.5 * most_cases), 2.4 * len(models)), squeeze=False)
+    for axes, model in zip(panels[:, 0], models):
+        cases = list(dict.fromkeys(r["case"] for r in rows if r["model"] == model))
+        for offset, backend in enumerate(backends):
+            for i, case in enumerate(cases):
+                row = next((r for r in rows if (r["model"], r["case"], r["backend"]) == (model, case, backend)), None)
+                if row is None or not eager.get((model, case)):
+                    continue
+                ratio = row["saved_bytes"] / eager[(model, case)]
+                x = i + offset * width
+                axes.bar(x, min(ratio, ceiling), width, color=f"C{offset}", label=backend if i == 0 else None)
+                if ratio > ceiling:
+                    axes.text(x, ceiling, f"{ratio:.1f}x", ha="center", va="bottom", fontsize=7)
+        axes.set_xticks([i + width * (len(backends) - 1) / 2 for i in range(len(cases))])
+        axes.set_xticklabels(cases, fontsize=8)
+        axes.set_ylim(0, ceiling * 1.12)
+        axes.axhline(1.0, color="grey", linewidth=0.8)
+        axes.set_ylabel(f"{model}\nvs eager", fontsize=9)
+    panels[0, 0].set_title("memory kept for backward, relative to eager PyTorch (lower is better)")
+    panels[0, 0].legend(fontsize=7, ncol=len(backends), loc="upper right")
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=110)
     plt.close(figure)
 
 
