@@ -26,7 +26,6 @@ from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 from torch import nn
 
-import memsave_fx
 from memsave_fx.backend import MemsaveBackend
 
 from .utils import TOLERANCE, clone_inputs, run_step

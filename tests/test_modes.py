@@ -12,7 +12,7 @@ from torch.utils.checkpoint import checkpoint
 
 import memsave_fx
 
-from .utils import TOLERANCE, assert_grads_match, saved_bytes_of
+from .utils import TOLERANCE, assert_grads_match
 
 
 def frozen_convnet() -> nn.Sequential:
