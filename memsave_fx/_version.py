@@ -1,3 +1,5 @@
+import re
+
 __version__ = "0.1.0"
 
 # The torch minor versions memsave_fx is tested with, oldest and newest: its passes rely on
@@ -7,8 +9,6 @@ SUPPORTED_TORCH = ((2, 11), (2, 13))
 
 def require_supported_torch(version: str) -> None:
     """Raise ImportError unless `version` (torch.__version__) is a supported minor version."""
-    import re
-
     match = re.match(r"(\d+)\.(\d+)", version)
     oldest, newest = SUPPORTED_TORCH
     if match is None or not oldest <= (int(match[1]), int(match[2])) <= newest:
