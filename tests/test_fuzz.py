@@ -28,7 +28,7 @@ from torch import nn
 
 from memsave_fx.backend import MemsaveBackend
 
-from .utils import TOLERANCE, clone_inputs, run_step
+from .utils import assert_grads_close, clone_inputs, run_step
 
 NIGHTLY = os.environ.get("MEMSAVE_FUZZ") == "nightly"
 FUZZ_SETTINGS = settings(
@@ -176,11 +176,7 @@ def check_case(case: Case, backend: MemsaveBackend) -> None:
         plan = graph.plan()  # under the same settings: fallback_random changes what stock Inductor keeps
     assert graph.has_backward and graph.rewrites is not None, "memsave's joint pass did not run"
 
-    tolerance = TOLERANCE[case.inputs[0].dtype]
-    scale = gradient_scale(case)
-    for name, want in expected.items():
-        error = (actual[name].double() - want.double()).abs().max().item() / scale
-        assert error <= tolerance, f"{name}: error {error:.3g} x max|grad| > {tolerance}"
+    assert_grads_close(actual, expected, scale=gradient_scale(case))
     assert plan.saved_bytes <= plan.baseline_saved_bytes, str(plan)
 
 

@@ -12,7 +12,7 @@ from torch.utils.checkpoint import checkpoint
 
 import memsave_fx
 
-from .utils import TOLERANCE, assert_grads_match
+from .utils import TOLERANCE, assert_grads_close, assert_grads_match
 
 
 def frozen_convnet() -> nn.Sequential:
@@ -41,15 +41,6 @@ def step(fn, model: nn.Module, x: torch.Tensor, seed: int = 0) -> dict[str, torc
     return grads | {"input": x.grad}
 
 
-def assert_same(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
-    assert actual.keys() == expected.keys()
-    scale = max(g.abs().max().item() for g in expected.values())
-    for name, want in expected.items():
-        dtype = want.dtype
-        error = (actual[name].double() - want.double()).abs().max().item() / scale
-        assert actual[name].dtype == dtype and error <= TOLERANCE[dtype], f"{name}: {error:.3g}"
-
-
 def test_train_eval_and_dtype_switches_recompile_and_stay_correct():
     model = frozen_convnet()
     reference = copy.deepcopy(model)
@@ -59,7 +50,7 @@ def test_train_eval_and_dtype_switches_recompile_and_stay_correct():
     def assert_step_matches(x: torch.Tensor) -> None:
         # BatchNorm's running statistics differ by rounding after a compiled training step.
         model.load_state_dict(reference.state_dict())
-        assert_same(step(compiled, model, x), step(reference, reference, x))
+        assert_grads_close(step(compiled, model, x), step(reference, reference, x))
 
     x = image()
     assert_step_matches(x)
@@ -94,7 +85,7 @@ def test_dynamic_shapes(how):
             if how == "mark_dynamic":
                 torch._dynamo.mark_dynamic(x, 0)
             model.load_state_dict(reference.state_dict())
-            assert_same(step(compiled, model, x), step(reference, reference, x))
+            assert_grads_close(step(compiled, model, x), step(reference, reference, x))
         return len(graphs)
 
     memsave = memsave_fx.backend()
@@ -158,10 +149,7 @@ def test_autocast_bf16():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         expected = step(reference, reference, x)
         actual = step(compiled, ours, x)
-    scale = max(g.abs().max().item() for g in expected.values())
-    for name, want in expected.items():
-        error = (actual[name].double() - want.double()).abs().max().item() / scale
-        assert error <= TOLERANCE[torch.bfloat16], f"{name}: {error:.3g}"
+    assert_grads_close(actual, expected, tolerance=TOLERANCE[torch.bfloat16])
     assert backend.compiled[0].released
 
 

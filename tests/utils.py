@@ -63,17 +63,31 @@ def assert_grads_match(
     expected, reference_saved = run_step(copy.deepcopy(model), clone_inputs(inputs), reference)
     actual, saved = run_step(copy.deepcopy(model), clone_inputs(inputs), backend, prepare=prepare)
     assert expected, "nothing requires grad: the test would check nothing"
+    assert_grads_close(actual, expected, tolerance=tolerance)
+    return saved, reference_saved
+
+
+def assert_grads_close(
+    actual: dict[str, torch.Tensor],
+    expected: dict[str, torch.Tensor],
+    *,
+    tolerance: float | None = None,
+    scale: float | None = None,
+) -> None:
+    """Each gradient within `tolerance` (by default, that of the most precise dtype among the
+    expected gradients) of the expected one, judged on one global `scale` (by default, the
+    largest expected entry)."""
     assert actual.keys() == expected.keys()
-    scale = max(g.abs().max().item() for g in expected.values() if g is not None) or 1.0
-    dtype = next(iter(expected.values())).dtype
+    if scale is None:
+        scale = max(g.abs().max().item() for g in expected.values() if g is not None) or 1.0
+    if tolerance is None:
+        tolerance = min(TOLERANCE[g.dtype] for g in expected.values() if g is not None)
     for name, want in expected.items():
         got = actual[name]
         assert got is not None and want is not None, name
         assert got.shape == want.shape and got.dtype == want.dtype, name
         error = (got.double() - want.double()).abs().max().item() / scale
-        limit = tolerance if tolerance is not None else TOLERANCE[dtype]
-        assert error <= limit, f"{name}: error {error:.3g} x max|grad| > {limit}"
-    return saved, reference_saved
+        assert error <= tolerance, f"{name}: error {error:.3g} x max|grad| > {tolerance}"
 
 
 def joint_graph(model: torch.nn.Module, *inputs: torch.Tensor) -> fx.GraphModule:
