@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 from torch.autograd.graph import saved_tensors_hooks
+from torch.distributed.tensor import DTensor
 
 
 def saved_activation_bytes(
@@ -16,17 +17,19 @@ def saved_activation_bytes(
 
     Counts what `saved_tensors_hooks` sees during the call, each storage once, leaving out
     the storages of `exclude` (pass the model's parameters and buffers). When `fn` is an
-    `nn.Module`, its parameters and buffers are excluded automatically.
+    `nn.Module`, its parameters and buffers are excluded automatically, as they are at each
+    save: FSDP2 swaps its sharded parameters for gathered ones while a module group runs.
     """
-    excluded = [*exclude]
-    if isinstance(fn, torch.nn.Module):
-        excluded += [*fn.parameters(), *fn.buffers()]
-    excluded_storages = {_storage_key(t) for t in excluded}
+    excluded_storages = {_storage_key(t) for t in exclude}
+    modules = [fn] if isinstance(fn, torch.nn.Module) else []
     saved: dict[tuple[int, torch.device], int] = {}
 
+    @torch.compiler.disable  # called from compiled regions; nothing here is meant to be traced
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         key = _storage_key(tensor)
-        if key not in excluded_storages:
+        if key not in excluded_storages and not any(
+            key == _storage_key(t) for module in modules for t in (*module.parameters(), *module.buffers())
+        ):
             saved[key] = tensor.untyped_storage().nbytes()
         return tensor
 
@@ -36,4 +39,6 @@ def saved_activation_bytes(
 
 
 def _storage_key(tensor: torch.Tensor) -> tuple[int, torch.device]:
+    if isinstance(tensor, DTensor):  # a sharded parameter: its storage is the local shard's
+        tensor = tensor.to_local()
     return tensor.untyped_storage().data_ptr(), tensor.device
