@@ -96,7 +96,10 @@ class MemsaveBackend:
     ) -> Callable[..., Any]:
         config, inductor_options = self._resolve(mode, options)
         inputs = graph_inputs(gm)
-        trace = functools.partial(_trace, gm, example_inputs, config, inputs, mode, inductor_options)
+        # Dynamo's fake mode, for a retrace outside Dynamo: under the DDP optimizer a split
+        # piece's example inputs can mix its fake tensors with the caller's (a plan's).
+        fake_mode = torch._guards.detect_fake_mode(example_inputs)
+        trace = functools.partial(_trace, gm, example_inputs, fake_mode, config, inputs, mode, inductor_options)
         record = CompiledGraph(len(self.compiled), config, len(gm.graph.nodes), inputs, _trace=trace)
         self.compiled.append(record)
         return _compile(
@@ -195,6 +198,7 @@ def _compile(
 def _trace(
     gm: fx.GraphModule,
     example_inputs: Sequence[Any],
+    fake_mode: torch._subclasses.FakeTensorMode | None,
     config: MemsaveConfig,
     inputs: tuple[GraphInput, ...],
     mode: str | None,
@@ -203,10 +207,18 @@ def _trace(
 ) -> CompiledGraph:
     """Partition `gm` again without generating code: with memsave's rewrites, or without (stock)."""
     record = CompiledGraph(-1, config, len(gm.graph.nodes), inputs)
+    if fake_mode is not None:
+        example_inputs = [_in_fake_mode(fake_mode, value) for value in example_inputs]
     # A cache hit would skip the joint pass and the partitioner, which record the graphs.
     with torch._functorch.config.patch(enable_autograd_cache=False):
         _compile(gm, example_inputs, config, record, mode, inductor_options, rewrite=rewrite, generate_code=False)
     return record
+
+
+def _in_fake_mode(fake_mode: torch._subclasses.FakeTensorMode, value: Any) -> Any:
+    if isinstance(value, torch._subclasses.FakeTensor) and value.fake_mode is not fake_mode:
+        return fake_mode.from_tensor(value, static_shapes=True)
+    return value
 
 
 def _compile_eager(

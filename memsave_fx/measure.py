@@ -7,7 +7,6 @@ from typing import Any
 
 import torch
 from torch.autograd.graph import saved_tensors_hooks
-from torch.distributed.tensor import DTensor
 
 
 def saved_activation_bytes(
@@ -39,6 +38,10 @@ def saved_activation_bytes(
 
 
 def _storage_key(tensor: torch.Tensor) -> tuple[int, torch.device]:
-    if isinstance(tensor, DTensor):  # a sharded parameter: its storage is the local shard's
-        tensor = tensor.to_local()
+    if torch.distributed.is_available():
+        # Imported here: torch.distributed.tensor is heavy, and `import memsave_fx` stays lean.
+        from torch.distributed.tensor import DTensor
+
+        if isinstance(tensor, DTensor):  # a sharded parameter: its storage is its local shard's
+            tensor = tensor.to_local()
     return tensor.untyped_storage().data_ptr(), tensor.device

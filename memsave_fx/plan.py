@@ -226,11 +226,18 @@ def plan(model: nn.Module, *args: Any, options: dict[str, Any] | None = None, **
 
     Nothing runs on real data: the parameters and inputs are replaced by fake tensors of the
     same shape, dtype, device and `requires_grad`. Meta-device tensors are planned as CPU tensors.
+
+    For a `DistributedDataParallel` model, pass one rank's batch: the plan is of what each rank
+    keeps, with the graphs split where DDP's gradient buckets end, as compiling DDP does.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"plan takes an nn.Module, got {type(model).__name__}")
+    _refuse_sharded(model)
     backend = MemsaveBackend(generate_code=False)  # takes `options` through torch.compile, as compiling does
     backend._resolve(None, options)  # bad options fail here, not wrapped in Dynamo's compile error
+    compile_backend: Callable[..., Any] = backend
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model, compile_backend, options = _split_as_ddp_compiles(model, backend, options)
     # Tensors the model creates itself (caches, masks) are faked as they meet the mode.
     fake_mode = torch._subclasses.fake_tensor.FakeTensorMode(allow_non_fake_inputs=True)
     fake = functools.partial(_fake, fake_mode)
@@ -239,7 +246,7 @@ def plan(model: nn.Module, *args: Any, options: dict[str, Any] | None = None, **
     # Static: a plan is for these shapes and values. Automatic dynamism would carry over from
     # earlier plans (Dynamo keys it by code location) and turn, say, a module's float eps
     # into a tensor input whose value a fake tensor cannot give.
-    compiled = torch.compile(_fresh_copy(_call), backend=backend, options=options, dynamic=False, **_ISOLATED)
+    compiled = torch.compile(_fresh_copy(_call), backend=compile_backend, options=options, dynamic=False, **_ISOLATED)
     # A cache hit would skip the passes and the partitioner, which record the graphs.
     with fake_mode, torch._functorch.config.patch(enable_autograd_cache=False):
         compiled(fake_model, fake_args, fake_kwargs)
@@ -247,6 +254,33 @@ def plan(model: nn.Module, *args: Any, options: dict[str, Any] | None = None, **
         raise RuntimeError(f"torch.compile captured no graph from {type(model).__name__}: there is nothing to plan")
     baseline = [graph._trace(False) for graph in backend.compiled]
     return MemoryPlan.from_graphs(backend.compiled, baseline)
+
+
+def _refuse_sharded(model: nn.Module) -> None:
+    if not torch.distributed.is_available():
+        return
+    from torch.distributed.tensor import DTensor
+
+    if any(isinstance(p, DTensor) for p in model.parameters()):
+        raise TypeError(
+            "plan cannot copy a model with sharded (DTensor) parameters, as FSDP2's fully_shard "
+            "and tensor parallelism make them; plan the model before sharding it, with one "
+            "rank's batch: under FSDP2 each rank computes with the gathered parameters"
+        )
+
+
+def _split_as_ddp_compiles(
+    ddp: nn.parallel.DistributedDataParallel, backend: MemsaveBackend, options: dict[str, Any] | None
+) -> tuple[nn.Module, Callable[..., Any], None]:
+    """DDP runs its module on each rank's batch. Under Dynamo's DDP optimizer (the default),
+    each graph is split where DDP's gradient buckets end and the pieces are compiled one by one,
+    which changes what is saved: a value crossing a split is an output of one piece."""
+    if torch._dynamo.utils.get_optimize_ddp_mode() != "ddp_optimizer":
+        return ddp.module, functools.partial(backend, options=options), None
+    from torch._dynamo.backends.distributed import DDPOptimizer
+
+    splitter = DDPOptimizer(ddp.bucket_bytes_cap, functools.partial(backend, options=options))
+    return ddp.module, splitter.compile_fn, None
 
 
 def _call(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:

@@ -143,6 +143,8 @@ def ddp_worker(rank: int, backend_name: str) -> dict[str, Any]:
     ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=1)
     result = train(model, torch.compile(ddp, backend=backend), rank, WORLD_SIZE)
     if backend_name == "memsave":
+        plan = memsave_fx.plan(ddp, batch(0)[0][: BATCH // WORLD_SIZE])
+        result["plan"] = plan.graphs, plan.saved_bytes, plan.baseline_saved_bytes
         result["graphs"] = [
             ([i.name for i in graph.inputs if i.kind is InputKind.PARAMETER], graph.has_backward, graph.released)
             for graph in backend.compiled
@@ -163,6 +165,10 @@ def fsdp2_worker(rank: int, backend_name: str) -> dict[str, Any]:
     fully_shard(model)
     result = train(model, model, rank, WORLD_SIZE, full=lambda t: t.full_tensor())
     if backend_name == "memsave":
+        try:
+            memsave_fx.plan(model, batch(0)[0])
+        except TypeError as error:
+            result["plan_error"] = str(error)
         result["graphs"] = [(graph.has_backward, graph.released) for graph in backend.compiled]
     return result
 
@@ -182,6 +188,8 @@ def test_ddp_matches_eager_and_keeps_less_than_inductor(tmp_path):
         assert all(has_backward for _, has_backward, _ in graphs)
         assert {name for names, _, _ in graphs for name in names} >= all_trainable
         assert ["relu"] in [released for _, _, released in graphs]  # conv2's input
+        # The plan of the DDP model is of one rank, split as DDP splits it.
+        assert memsave[rank]["plan"] == (len(graphs), memsave[rank]["saved"], inductor[rank]["saved"])
 
 
 def test_fsdp2_with_mixed_frozen_groups_matches_eager_and_keeps_less_than_inductor(tmp_path):
@@ -201,6 +209,7 @@ def test_fsdp2_with_mixed_frozen_groups_matches_eager_and_keeps_less_than_induct
         assert len(graphs) == 2 and all(has_backward for has_backward, _ in graphs)
         # Only the first block's conv weight is frozen: only its input is dropped.
         assert [released for _, released in graphs] == [["relu"], []]
+        assert "plan the model before sharding it" in memsave[rank]["plan_error"]
 
 
 def assert_close(actual: dict[str, Any], expected: dict[str, Any]) -> None:
