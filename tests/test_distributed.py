@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime
 import os
 import queue
-import socket
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -25,7 +24,7 @@ from torch import nn
 import memsave_fx
 from memsave_fx.analysis import InputKind
 
-from .utils import assert_grads_close
+from .utils import assert_grads_close, loopback_interface
 
 WORLD_SIZE = 2
 BATCH = 4  # the full batch; each rank takes an equal slice
@@ -253,7 +252,7 @@ def run_ranks(tmp_path, worker: Callable[..., Any], *args: Any) -> list[Any]:
 
 def _rank_main(rank: int, rendezvous: str, results: Any, worker: Callable[..., Any], args: tuple) -> None:
     try:
-        os.environ["GLOO_SOCKET_IFNAME"] = _loopback_interface()
+        os.environ["GLOO_SOCKET_IFNAME"] = loopback_interface()
         # A graph served from AOTAutograd's cache skips memsave's pass and its records.
         torch._functorch.config.enable_autograd_cache = False
         dist.init_process_group(
@@ -265,8 +264,3 @@ def _rank_main(rank: int, rendezvous: str, results: Any, worker: Callable[..., A
             dist.destroy_process_group()
     except BaseException:
         results.put((rank, None, traceback.format_exc()))
-
-
-def _loopback_interface() -> str:
-    names = {name for _, name in socket.if_nameindex()}
-    return next(name for name in ("lo", "lo0") if name in names)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import socket
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -151,3 +152,9 @@ def saved_bytes_of(model: torch.nn.Module, inputs: Sequence[torch.Tensor], backe
     fn: Callable[..., Any] = torch.compile(model, backend=backend)
     _, saved = saved_activation_bytes(fn, *inputs, exclude=[*model.parameters(), *model.buffers()])
     return saved
+
+
+def loopback_interface() -> str:
+    """The loopback network interface's name, for GLOO_SOCKET_IFNAME: tests talk over it only."""
+    names = {name for _, name in socket.if_nameindex()}
+    return next(name for name in ("lo", "lo0") if name in names)
