@@ -89,6 +89,12 @@ class MemsavePartitioner(CustomPartitionerFn):
         # Inductor copies its configuration, this partitioner included; a copy would record elsewhere.
         return self
 
+    def __getstate__(self) -> dict[str, object]:
+        # Inductor pickles its configuration, this partitioner included, into its FX graph
+        # cache key. What decides the partition goes in; the record, bookkeeping that holds
+        # graphs and fake tensors (which cannot be pickled), does not.
+        return {**vars(self), "record": None}
+
 
 class GraphWithoutCodegen(OutputCode):
     """Inductor's compiled-graph interface over the graph itself, run as it is."""

@@ -150,3 +150,17 @@ def test_masks_are_packed_where_computed():
     plan = memsave_fx.plan(model, x)
     assert plan.saved_bytes < plan.baseline_saved_bytes
     assert plan.peak_bytes <= plan.baseline_peak_bytes, str(plan)
+
+
+@pytest.mark.skipif(torch._inductor.config.force_disable_caches, reason="Inductor's caches are switched off")
+def test_inductor_can_cache_what_memsave_compiles():
+    # The partitioner goes into Inductor's cache key; a key that cannot be pickled (a record
+    # holding fake tensors) makes Inductor bypass its cache and recompile every time.
+    model, inputs = frozen_relu_net()
+    backend = memsave_fx.backend()
+    torch._dynamo.utils.counters.clear()
+    torch.compile(model, backend=backend)(*inputs).sum().backward()
+    counters = torch._dynamo.utils.counters["inductor"]
+    assert counters["fxgraph_cache_bypass"] == 0
+    assert counters["fxgraph_cache_miss"] + counters["fxgraph_cache_hit"] == 2  # forward and backward
+    assert backend.compiled[0].packed_masks == 2  # the record still records
