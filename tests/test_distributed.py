@@ -136,79 +136,88 @@ def saved_on_one_rank_slice(model: nn.Module, fn: Callable[[torch.Tensor], torch
     return saved
 
 
-def ddp_worker(rank: int, backend_name: str) -> dict[str, Any]:
+def ddp_worker(rank: int) -> dict[str, dict[str, Any]]:
+    """Under DDP, memsave's run on this rank, then stock Inductor's."""
     model = new_model(FrozenConvNet)
-    backend = memsave_fx.backend() if backend_name == "memsave" else backend_name
+    backend = memsave_fx.backend()
     ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=1)
-    result = train(model, torch.compile(ddp, backend=backend), rank, WORLD_SIZE)
-    if backend_name == "memsave":
-        plan = memsave_fx.plan(ddp, batch(0)[0][: BATCH // WORLD_SIZE])
-        result["plan"] = plan.graphs, plan.saved_bytes, plan.baseline_saved_bytes
-        result["graphs"] = [
-            ([i.name for i in graph.inputs if i.kind is InputKind.PARAMETER], graph.has_backward, graph.released)
-            for graph in backend.compiled
-        ]
-    return result
+    memsave = train(model, torch.compile(ddp, backend=backend), rank, WORLD_SIZE)
+    plan = memsave_fx.plan(ddp, batch(0)[0][: BATCH // WORLD_SIZE])
+    memsave["plan"] = plan.graphs, plan.saved_bytes, plan.baseline_saved_bytes
+    memsave["graphs"] = [
+        ([i.name for i in graph.inputs if i.kind is InputKind.PARAMETER], graph.has_backward, graph.released)
+        for graph in backend.compiled
+    ]
+    torch._dynamo.reset()
+    model = new_model(FrozenConvNet)
+    ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=1)
+    return {"memsave": memsave, "inductor": train(model, torch.compile(ddp, backend="inductor"), rank, WORLD_SIZE)}
 
 
-def fsdp2_worker(rank: int, backend_name: str) -> dict[str, Any]:
+def fsdp2_worker(rank: int) -> dict[str, dict[str, Any]]:
+    """Under FSDP2, memsave's run on this rank, then stock Inductor's."""
+    backend = memsave_fx.backend()
+    model = fully_sharded_block_net(backend)
+    memsave = train(model, model, rank, WORLD_SIZE, full=lambda t: t.full_tensor())
+    memsave["graphs"] = [(graph.has_backward, graph.released) for graph in backend.compiled]
+    try:
+        memsave_fx.plan(model, batch(0)[0])
+    except TypeError as error:
+        memsave["plan_error"] = str(error)
+    torch._dynamo.reset()
+    model = fully_sharded_block_net("inductor")
+    return {"memsave": memsave, "inductor": train(model, model, rank, WORLD_SIZE, full=lambda t: t.full_tensor())}
+
+
+def fully_sharded_block_net(backend: Any) -> nn.Module:
     from torch.distributed.fsdp import fully_shard
 
     model = new_model(BlockNet)
-    backend = memsave_fx.backend() if backend_name == "memsave" else backend_name
     # Blocks are compiled one by one, as FSDP2's own recipes do: FSDP2's hooks break the graph,
     # and Dynamo runs a frame with a graph break inside a loop eagerly.
     for block in model.blocks:
         block.compile(backend=backend)
         fully_shard(block)
-    fully_shard(model)
-    result = train(model, model, rank, WORLD_SIZE, full=lambda t: t.full_tensor())
-    if backend_name == "memsave":
-        try:
-            memsave_fx.plan(model, batch(0)[0])
-        except TypeError as error:
-            result["plan_error"] = str(error)
-        result["graphs"] = [(graph.has_backward, graph.released) for graph in backend.compiled]
-    return result
+    return fully_shard(model)
 
 
 def test_ddp_matches_eager_and_keeps_less_than_inductor(tmp_path):
     reference = eager_reference(FrozenConvNet)
-    memsave, inductor = run_ranks(tmp_path, ddp_worker, "memsave"), run_ranks(tmp_path, ddp_worker, "inductor")
+    runs = run_ranks(tmp_path, ddp_worker)
     all_trainable = set(reference["grads"])
-    for rank in range(WORLD_SIZE):
-        assert_close(memsave[rank]["grads"], reference["grads"])
-        assert_close(memsave[rank]["params"], reference["params"])
-        assert memsave[rank]["saved"] < inductor[rank]["saved"]
+    for rank, (memsave, inductor) in enumerate((run["memsave"], run["inductor"]) for run in runs):
+        assert_close(memsave["grads"], reference["grads"])
+        assert_close(memsave["params"], reference["params"])
+        assert memsave["saved"] < inductor["saved"], rank
         # The DDP optimizer split the one Dynamo graph at the 1 MB bucket boundaries, and
         # memsave compiled every piece: together they read each trainable parameter.
-        graphs = memsave[rank]["graphs"]
+        graphs = memsave["graphs"]
         assert len(graphs) >= 3
         assert all(has_backward for _, has_backward, _ in graphs)
         assert {name for names, _, _ in graphs for name in names} >= all_trainable
         assert ["relu"] in [released for _, _, released in graphs]  # conv2's input
         # The plan of the DDP model is of one rank, split as DDP splits it.
-        assert memsave[rank]["plan"] == (len(graphs), memsave[rank]["saved"], inductor[rank]["saved"])
+        assert memsave["plan"] == (len(graphs), memsave["saved"], inductor["saved"])
 
 
 def test_fsdp2_with_mixed_frozen_groups_matches_eager_and_keeps_less_than_inductor(tmp_path):
     reference = eager_reference(BlockNet)
-    memsave, inductor = run_ranks(tmp_path, fsdp2_worker, "memsave"), run_ranks(tmp_path, fsdp2_worker, "inductor")
+    runs = run_ranks(tmp_path, fsdp2_worker)
     model = new_model(BlockNet)
     for block in model.blocks:
         block.compile(backend="memsave")
     unwrapped = saved_on_one_rank_slice(model, model)
-    for rank in range(WORLD_SIZE):
-        assert_close(memsave[rank]["grads"], reference["grads"])
-        assert_close(memsave[rank]["params"], reference["params"])
-        assert memsave[rank]["saved"] < inductor[rank]["saved"]
+    for rank, (memsave, inductor) in enumerate((run["memsave"], run["inductor"]) for run in runs):
+        assert_close(memsave["grads"], reference["grads"])
+        assert_close(memsave["params"], reference["params"])
+        assert memsave["saved"] < inductor["saved"], rank
         # FSDP2's gathered parameters, saved by the compiled blocks, are not activations.
-        assert memsave[rank]["saved"] == unwrapped
-        graphs = memsave[rank]["graphs"]
+        assert memsave["saved"] == unwrapped
+        graphs = memsave["graphs"]
         assert len(graphs) == 2 and all(has_backward for has_backward, _ in graphs)
         # Only the first block's conv weight is frozen: only its input is dropped.
         assert [released for _, released in graphs] == [["relu"], []]
-        assert "plan the model before sharding it" in memsave[rank]["plan_error"]
+        assert "plan the model before sharding it" in memsave["plan_error"]
 
 
 def assert_close(actual: dict[str, Any], expected: dict[str, Any]) -> None:
