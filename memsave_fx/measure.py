@@ -38,10 +38,16 @@ def saved_activation_bytes(
 
 
 def _storage_key(tensor: torch.Tensor) -> tuple[int, torch.device]:
-    if torch.distributed.is_available():
-        # Imported here: torch.distributed.tensor is heavy, and `import memsave_fx` stays lean.
-        from torch.distributed.tensor import DTensor
-
-        if isinstance(tensor, DTensor):  # a sharded parameter: its storage is its local shard's
-            tensor = tensor.to_local()
+    if is_sharded(tensor):  # a sharded parameter: its storage is its local shard's
+        tensor = tensor.to_local()
     return tensor.untyped_storage().data_ptr(), tensor.device
+
+
+def is_sharded(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` is a DTensor, as FSDP2's and tensor parallelism's parameters are."""
+    if not torch.distributed.is_available():
+        return False
+    # Imported here: torch.distributed.tensor is heavy, and `import memsave_fx` stays lean.
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)

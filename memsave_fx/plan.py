@@ -26,6 +26,7 @@ from torch import nn
 
 from .analysis import SAVED_AS, SOURCE, Decision, InputKind, display_name
 from .backend import CompiledGraph, MemsaveBackend
+from .measure import is_sharded
 from .memory import (
     SavedStorage,
     Timeline,
@@ -237,7 +238,9 @@ def plan(model: nn.Module, *args: Any, options: dict[str, Any] | None = None, **
     backend._resolve(None, options)  # bad options fail here, not wrapped in Dynamo's compile error
     compile_backend: Callable[..., Any] = backend
     if isinstance(model, nn.parallel.DistributedDataParallel):
-        model, compile_backend, options = _split_as_ddp_compiles(model, backend, options)
+        # The options go to the backend itself: the DDP optimizer passes none on.
+        model, compile_backend = model.module, _as_ddp_compiles(model, functools.partial(backend, options=options))
+        options = None
     # Tensors the model creates itself (caches, masks) are faked as they meet the mode.
     fake_mode = torch._subclasses.fake_tensor.FakeTensorMode(allow_non_fake_inputs=True)
     fake = functools.partial(_fake, fake_mode)
@@ -257,11 +260,7 @@ def plan(model: nn.Module, *args: Any, options: dict[str, Any] | None = None, **
 
 
 def _refuse_sharded(model: nn.Module) -> None:
-    if not torch.distributed.is_available():
-        return
-    from torch.distributed.tensor import DTensor
-
-    if any(isinstance(p, DTensor) for p in model.parameters()):
+    if any(is_sharded(p) for p in model.parameters()):
         raise TypeError(
             "plan cannot copy a model with sharded (DTensor) parameters, as FSDP2's fully_shard "
             "and tensor parallelism make them; plan the model before sharding it, with one "
@@ -269,18 +268,16 @@ def _refuse_sharded(model: nn.Module) -> None:
         )
 
 
-def _split_as_ddp_compiles(
-    ddp: nn.parallel.DistributedDataParallel, backend: MemsaveBackend, options: dict[str, Any] | None
-) -> tuple[nn.Module, Callable[..., Any], None]:
-    """DDP runs its module on each rank's batch. Under Dynamo's DDP optimizer (the default),
-    each graph is split where DDP's gradient buckets end and the pieces are compiled one by one,
-    which changes what is saved: a value crossing a split is an output of one piece."""
+def _as_ddp_compiles(ddp: nn.parallel.DistributedDataParallel, compile_fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`compile_fn` as compiling DDP applies it. DDP runs its module on each rank's batch; under
+    Dynamo's DDP optimizer (the default) each graph is split where DDP's gradient buckets end and
+    the pieces are compiled one by one, which changes what is saved: a value crossing a split
+    is an output of one piece."""
     if torch._dynamo.utils.get_optimize_ddp_mode() != "ddp_optimizer":
-        return ddp.module, functools.partial(backend, options=options), None
+        return compile_fn
     from torch._dynamo.backends.distributed import DDPOptimizer
 
-    splitter = DDPOptimizer(ddp.bucket_bytes_cap, functools.partial(backend, options=options))
-    return ddp.module, splitter.compile_fn, None
+    return DDPOptimizer(ddp.bucket_bytes_cap, compile_fn).compile_fn
 
 
 def _call(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
