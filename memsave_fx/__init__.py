@@ -6,9 +6,9 @@
 
 import torch as _torch
 
-from ._version import __version__, require_supported_torch
+from ._version import __version__, check_torch_version
 
-require_supported_torch(_torch.__version__)  # before the modules that rely on torch internals
+check_torch_version(_torch.__version__)  # before the modules that rely on torch internals
 
 from .backend import CompiledGraph, MemsaveBackend, backend  # noqa: E402
 from .config import MemsaveConfig  # noqa: E402
