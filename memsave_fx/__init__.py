@@ -10,7 +10,8 @@ from ._version import __version__, check_torch_version
 
 check_torch_version(_torch.__version__)  # before the modules that rely on torch internals
 
-from .backend import CompiledGraph, MemsaveBackend, backend  # noqa: E402
+from .backend import MemsaveBackend, backend  # noqa: E402
+from .record import CompiledGraph  # noqa: E402
 from .config import MemsaveConfig  # noqa: E402
 from .eager import convert, rewrite  # noqa: E402
 from .measure import saved_activation_bytes  # noqa: E402

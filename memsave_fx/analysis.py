@@ -29,8 +29,8 @@ from collections.abc import Iterable, Sequence
 
 import torch
 import torch.fx as fx
-import torch.utils._pytree as pytree
-from torch._functorch._aot_autograd.descriptors import GradAOTOutput
+
+from . import _compat
 
 aten = torch.ops.aten
 
@@ -182,11 +182,11 @@ def tensor_arguments(node: fx.Node) -> Iterable[tuple[str, fx.Node]]:
     names = [a.name for a in schema.arguments] if schema is not None else []
     for i, arg in enumerate(node.args):
         name = names[i] if i < len(names) else str(i)
-        for leaf in pytree.tree_leaves(arg):
+        for leaf in _compat.pytree.tree_leaves(arg):
             if isinstance(leaf, fx.Node):
                 yield name, leaf
     for name, arg in node.kwargs.items():
-        for leaf in pytree.tree_leaves(arg):
+        for leaf in _compat.pytree.tree_leaves(arg):
             if isinstance(leaf, fx.Node):
                 yield name, leaf
 
@@ -208,12 +208,12 @@ def _split_outputs(graph: fx.Graph, primals: tuple[fx.Node, ...]) -> tuple[list[
     """The forward outputs, and each primal whose gradient is requested mapped to its gradient."""
     output = graph.output_node()
     values = list(output.args[0]) if isinstance(output.args[0], (list, tuple)) else [output.args[0]]
-    descs = output.meta.get("desc")
+    descs = output.meta.get(_compat.OUTPUT_DESCRIPTORS)
     if descs is not None and len(descs) == len(values):
-        primal_by_desc = {p.meta.get("desc"): p for p in primals}
+        primal_by_desc = {p.meta.get(_compat.OUTPUT_DESCRIPTORS): p for p in primals}
         forward, slots = [], {}
         for value, desc in zip(values, descs):
-            if isinstance(desc, GradAOTOutput):
+            if isinstance(desc, _compat.GradAOTOutput):
                 if isinstance(value, fx.Node):
                     slots[primal_by_desc[desc.grad_of]] = value
             elif isinstance(value, fx.Node):
@@ -254,7 +254,7 @@ def analyze_joint_graph(graph: fx.Graph) -> JointGraphInfo | None:
         node.meta[IS_FORWARD] = node in forward
         node.meta[IS_BACKWARD] = (
             is_tangent(node)
-            or node.meta.get("partitioner_tag") == "must_be_in_backward"
+            or _compat.is_tagged_for_backward(node)
             or any(i.meta[IS_BACKWARD] for i in inputs)
         )
         node.meta[DIFFERENTIABLE] = node in requested or any(
@@ -319,7 +319,7 @@ _STRENGTH = {ReadPurpose.METADATA: 0, ReadPurpose.UNREQUESTED: 1, ReadPurpose.GR
 def name_primals(graph: fx.Graph, inputs: Sequence[GraphInput]) -> None:
     """Record on each primal the Dynamo graph input it holds."""
     for primal in filter(is_primal, graph.find_nodes(op="placeholder")):
-        index = getattr(primal.meta.get("desc"), "idx", None)
+        index = getattr(primal.meta.get(_compat.OUTPUT_DESCRIPTORS), "idx", None)
         if index is not None and index < len(inputs):
             primal.meta[SOURCE] = inputs[index]
 

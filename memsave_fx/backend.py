@@ -19,52 +19,20 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.fx as fx
 
+from . import _compat
 from .analysis import GraphInput, InputKind
 from .config import MemsaveConfig
+from .record import CompiledGraph
 
 if TYPE_CHECKING:
     from .joint_pass import MemsavePass
-    from .passes import Rewrite
+    from .partition import MemsavePartitioner
     from .plan import MemoryPlan
 
 log = logging.getLogger(__name__)
 
 _JOINT_PASS_OPTION = "joint_custom_pre_pass"
 _PARTITIONER_OPTION = "custom_partitioner_fn"
-
-
-@dataclasses.dataclass
-class CompiledGraph:
-    """What the backend did with one Dynamo graph (graph breaks give several)."""
-
-    index: int
-    config: MemsaveConfig
-    num_nodes: int
-    inputs: tuple[GraphInput, ...] = ()
-    # None until AOTAutograd traces a joint graph; it stays None for a graph served from
-    # AOTAutograd's cache, since the pass does not run then.
-    rewrites: list[Rewrite] | None = None
-    has_backward: bool = False
-    packed_masks: int = 0  # boolean masks and max-pool offsets saved packed into bytes
-    # The partitioned graphs, kept only when tracing without code generation (a plan):
-    # code generation goes on to rewrite them in place.
-    forward: fx.GraphModule | None = dataclasses.field(default=None, repr=False)
-    backward: fx.GraphModule | None = dataclasses.field(default=None, repr=False)
-    _trace: Callable[[bool], CompiledGraph] | None = dataclasses.field(default=None, repr=False)
-
-    @property
-    def released(self) -> list[str]:
-        """Forward values the rewrites stopped the backward from reading."""
-        return [name for r in self.rewrites or () if r.applied for name in r.released]
-
-    def plan(self) -> MemoryPlan:
-        """The memory plan of this graph against stock compilation, traced without code generation."""
-        from .plan import MemoryPlan
-
-        if self._trace is None:
-            raise RuntimeError(f"graph {self.index} was not recorded by a MemsaveBackend call")
-        memsave = self if self.forward is not None else self._trace(True)
-        return MemoryPlan.from_graphs([memsave], [self._trace(False)])
 
 
 class MemsaveBackend:
@@ -96,15 +64,16 @@ class MemsaveBackend:
     ) -> Callable[..., Any]:
         config, inductor_options = self._resolve(mode, options)
         inputs = graph_inputs(gm)
-        # Dynamo's fake mode, for a retrace outside Dynamo: under the DDP optimizer a split
-        # piece's example inputs can mix its fake tensors with the caller's (a plan's).
-        fake_mode = torch._guards.detect_fake_mode(example_inputs)
-        trace = functools.partial(_trace, gm, example_inputs, fake_mode, config, inputs, mode, inductor_options)
-        record = CompiledGraph(len(self.compiled), config, len(gm.graph.nodes), inputs, _trace=trace)
+        record = CompiledGraph(len(self.compiled), config, len(gm.graph.nodes), inputs)
         self.compiled.append(record)
-        return _compile(
+        retrace = _Retrace(gm, example_inputs, config, inputs, mode, inductor_options)
+        cache_hits = _compat.autograd_cache_hits()
+        compiled = _compile(
             gm, example_inputs, config, record, mode, inductor_options, rewrite=True, generate_code=self.generate_code
         )
+        # The joint pass and the partitioner did not run: the record is re-derived when read.
+        record.from_cache = _compat.autograd_cache_hits() > cache_hits
+        return record.hold_retrace(retrace, compiled)
 
     def _resolve(self, mode: str | None, options: dict[str, Any] | None) -> tuple[MemsaveConfig, dict[str, Any]]:
         overrides, inductor_options = MemsaveConfig.split_options(options)
@@ -135,7 +104,7 @@ def graph_inputs(gm: fx.GraphModule) -> tuple[GraphInput, ...]:
     """The Dynamo graph's inputs, named as users know them: "layer1.0.conv1.weight", "args[0]"."""
     inputs = []
     for node in gm.graph.find_nodes(op="placeholder"):
-        source = getattr(node.meta.get("grapharg"), "source", None)
+        source = getattr(node.meta.get(_compat.DYNAMO_GRAPH_ARGUMENT), "source", None)
         source_name = source.name if source is not None else node.name
         if callable(source_name):  # a method, not a property, in some torch versions
             source_name = source_name()
@@ -179,15 +148,13 @@ def _compile(
     if config.compiler == "eager":
         return _compile_eager(gm, example_inputs, joint_pass, partitioner)
     # Inductor's own wrapper validates the remaining options and expands `mode`.
-    inductor = torch._TorchCompileInductorWrapper(mode, inductor_options, dynamic=None)
+    inductor = _compat.inductor_compiler(mode, inductor_options)
     patches = {_JOINT_PASS_OPTION: joint_pass, _PARTITIONER_OPTION: partitioner}
     if generate_code:
         return inductor(gm, example_inputs, config_patches=patches)
-    from torch._inductor.compile_fx import compile_fx
-
     from .partition import keep_graph_without_codegen
 
-    return compile_fx(
+    return _compat.compile_fx(
         gm,
         example_inputs,
         inner_compile=functools.partial(keep_graph_without_codegen, record),
@@ -195,28 +162,41 @@ def _compile(
     )
 
 
-def _trace(
-    gm: fx.GraphModule,
-    example_inputs: Sequence[Any],
-    fake_mode: torch._subclasses.FakeTensorMode | None,
-    config: MemsaveConfig,
-    inputs: tuple[GraphInput, ...],
-    mode: str | None,
-    inductor_options: dict[str, Any],
-    rewrite: bool,
-) -> CompiledGraph:
-    """Partition `gm` again without generating code: with memsave's rewrites, or without (stock)."""
-    record = CompiledGraph(-1, config, len(gm.graph.nodes), inputs)
-    if fake_mode is not None:
-        example_inputs = [_in_fake_mode(fake_mode, value) for value in example_inputs]
-    # A cache hit would skip the joint pass and the partitioner, which record the graphs.
-    with torch._functorch.config.patch(enable_autograd_cache=False):
-        _compile(gm, example_inputs, config, record, mode, inductor_options, rewrite=rewrite, generate_code=False)
-    return record
+class _Retrace:
+    """Partitions a Dynamo graph again without generating code, with memsave's rewrites or
+    without them (stock). It holds the graph and its example inputs, the model's tensors:
+    the compiled function holds it, and records reach it weakly."""
+
+    def __init__(
+        self,
+        gm: fx.GraphModule,
+        example_inputs: Sequence[Any],
+        config: MemsaveConfig,
+        inputs: tuple[GraphInput, ...],
+        mode: str | None,
+        inductor_options: dict[str, Any],
+    ) -> None:
+        self.gm, self.example_inputs = gm, list(example_inputs)
+        self.config, self.inputs, self.mode, self.inductor_options = config, inputs, mode, inductor_options
+        # Dynamo's fake mode, for a retrace outside Dynamo: under the DDP optimizer a split
+        # piece's example inputs can mix its fake tensors with the caller's (a plan's).
+        self.fake_mode = _compat.detect_fake_mode(example_inputs)
+
+    def __call__(self, rewrite: bool) -> CompiledGraph:
+        record = CompiledGraph(-1, self.config, len(self.gm.graph.nodes), self.inputs)
+        example_inputs = self.example_inputs
+        if self.fake_mode is not None:
+            example_inputs = [_in_fake_mode(self.fake_mode, value) for value in example_inputs]
+        with _compat.autograd_cache_disabled():  # a hit would skip the passes, which record
+            _compile(
+                self.gm, example_inputs, self.config, record, self.mode, self.inductor_options,
+                rewrite=rewrite, generate_code=False,
+            )  # fmt: skip
+        return record
 
 
-def _in_fake_mode(fake_mode: torch._subclasses.FakeTensorMode, value: Any) -> Any:
-    if isinstance(value, torch._subclasses.FakeTensor) and value.fake_mode is not fake_mode:
+def _in_fake_mode(fake_mode: Any, value: Any) -> Any:
+    if isinstance(value, _compat.FakeTensor) and value.fake_mode is not fake_mode:
         return fake_mode.from_tensor(value, static_shapes=True)
     return value
 
@@ -224,17 +204,14 @@ def _in_fake_mode(fake_mode: torch._subclasses.FakeTensorMode, value: Any) -> An
 def _compile_eager(
     gm: fx.GraphModule, example_inputs: Sequence[Any], joint_pass: MemsavePass, partitioner: MemsavePartitioner
 ) -> Callable[..., Any]:
-    from torch._dynamo.backends.common import aot_autograd
-    from torch._dynamo.backends.debugging import boxed_nop
-
     def partition(joint_module: fx.GraphModule, joint_inputs: Any, **kwargs: Any):
         joint_pass(joint_module.graph)
         joint_module.recompile()
         return partitioner(joint_module, joint_inputs, **kwargs)
 
-    return aot_autograd(
-        fw_compiler=boxed_nop,
-        bw_compiler=boxed_nop,
+    return _compat.aot_autograd(
+        fw_compiler=_compat.boxed_nop,
+        bw_compiler=_compat.boxed_nop,
         partition_fn=partition,
         keep_inference_input_mutations=True,
     )(gm, example_inputs)

@@ -6,13 +6,13 @@ import functools
 from pathlib import Path
 
 import torch.fx as fx
-from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
+from ._compat import CustomGraphPass, get_hash_for_files
 from ._version import __version__
 from .analysis import analyze_joint_graph, is_tangent, name_primals
-from .backend import CompiledGraph
 from .config import MemsaveConfig
 from .passes import run_passes
+from .record import CompiledGraph
 
 
 class MemsavePass(CustomGraphPass):
@@ -35,8 +35,7 @@ class MemsavePass(CustomGraphPass):
             analyze_joint_graph(graph)
             rewrites = []
         if self.record is not None:
-            self.record.has_backward |= any(map(is_tangent, graph.find_nodes(op="placeholder")))
-            self.record.rewrites = (self.record.rewrites or []) + rewrites
+            self.record.add_rewrites(rewrites, has_backward=any(map(is_tangent, graph.find_nodes(op="placeholder"))))
 
     def uuid(self) -> str:
         return _pass_uuid(self.config, self.rewrite)

@@ -23,8 +23,8 @@ from collections.abc import Iterable
 
 import torch
 import torch.fx as fx
-from torch._functorch._aot_autograd.descriptors import SavedForBackwardsAOTOutput
 
+from . import _compat
 from .analysis import SOURCE, InputKind, is_tangent
 
 aten = torch.ops.aten
@@ -61,11 +61,11 @@ def saved_outputs(forward: fx.GraphModule) -> list[fx.Node]:
     """The forward's outputs that go to the backward, tensors only."""
     output = forward.graph.output_node()
     values = output.args[0]
-    descs = output.meta.get("desc") or [None] * len(values)
+    descs = output.meta.get(_compat.OUTPUT_DESCRIPTORS) or [None] * len(values)
     return [
         value
         for value, desc in zip(values, descs)
-        if isinstance(desc, SavedForBackwardsAOTOutput) and _is_tensor(value)
+        if isinstance(desc, _compat.SavedForBackwardsAOTOutput) and _is_tensor(value)
     ]
 
 
@@ -105,8 +105,7 @@ def mark_layout_copies(gm: fx.GraphModule) -> None:
     applies Inductor's own decisions (`decide_layout_opt`, `find_nodes_prefer_channels_last`),
     so it must run under the configuration of the compilation.
     """
-    from torch._inductor.graph import GraphLowering
-
+    GraphLowering = _compat.GraphLowering
     if not GraphLowering.decide_layout_opt(gm, is_inference=False):
         return
     prefer_channels_last = GraphLowering.find_nodes_prefer_channels_last(types.SimpleNamespace(module=gm))
@@ -122,7 +121,7 @@ def mark_layout_copies(gm: fx.GraphModule) -> None:
             (node.op == "placeholder" or _viewed(node) is not None)
             and isinstance(value, torch.Tensor)
             and value.dim() == 4
-            and torch._prims_common.is_non_overlapping_and_dense_or_false(value)
+            and _compat.is_non_overlapping_and_dense_or_false(value)
             and not value.is_contiguous(memory_format=torch.channels_last)
         ):
             node.meta[LAYOUT_COPY] = True
@@ -285,8 +284,8 @@ _MAX_POINTWISE_CAT_INPUTS = 8  # Inductor's max_pointwise_cat_inputs: a cat of m
 
 
 def _op_name(target: object) -> str:
-    if isinstance(target, torch._ops.OpOverload):
-        return f"{target.namespace}::{target._opname}"
+    if isinstance(target, _compat.OpOverload):
+        return target.name().partition(".")[0]
     return ""
 
 
@@ -315,7 +314,7 @@ def _viewed(node: fx.Node) -> fx.Node | None:
 
 
 def _is_view_op(target: object) -> bool:
-    return isinstance(target, torch._ops.OpOverload) and (target.is_view or target in _STORAGE_SHARING_OPS)
+    return isinstance(target, _compat.OpOverload) and (target.is_view or target in _STORAGE_SHARING_OPS)
 
 
 def _is_contiguous(node: object) -> bool:

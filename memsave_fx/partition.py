@@ -24,15 +24,13 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch._functorch._aot_autograd.descriptors import SavedForBackwardsAOTOutput
-from torch._functorch.partitioners import min_cut_rematerialization_partition
-from torch._inductor.custom_graph_pass import CustomPartitionerFn
-from torch._inductor.output_code import OutputCode
 
+from . import _compat
+from ._compat import CustomPartitionerFn, OutputCode
 from .analysis import CODE_BITS, SAVED_AS, Decision, SavedAs
-from .backend import CompiledGraph
 from .memory import mark_layout_copies
 from .passes.base import insert_call
+from .record import CompiledGraph
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -68,13 +66,13 @@ class MemsavePartitioner(CustomPartitionerFn):
     def __call__(
         self, gm: fx.GraphModule, joint_inputs: Sequence[object], **kwargs: Any
     ) -> tuple[fx.GraphModule, fx.GraphModule]:
-        forward, backward = min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
+        forward, backward = _compat.min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
         packed = pack_saved_masks(forward, backward) if self.pack_masks else 0
         if packed:
             forward.recompile()
             backward.recompile()
         if self.record is not None:
-            self.record.packed_masks += packed
+            self.record.add_packed_masks(packed)
             if self.keep_graphs and self.lowered_by_inductor:
                 mark_layout_copies(forward)
                 mark_layout_copies(backward)
@@ -134,12 +132,12 @@ def pack_saved_masks(forward: fx.GraphModule, backward: fx.GraphModule) -> int:
     packed into bytes (see the module docstring); return how many were packed."""
     output = forward.graph.output_node()
     outputs = list(output.args[0])
-    descs = output.meta.get("desc") or [None] * len(outputs)
+    descs = output.meta.get(_compat.OUTPUT_DESCRIPTORS) or [None] * len(outputs)
     backward_inputs = {node.name: node for node in backward.graph.find_nodes(op="placeholder")}
     first_computation = next(n for n in backward.graph.nodes if n.op != "placeholder")
     packed_count = 0
     for position, (saved, desc) in enumerate(zip(outputs, descs)):
-        if not isinstance(desc, SavedForBackwardsAOTOutput):
+        if not isinstance(desc, _compat.SavedForBackwardsAOTOutput):
             continue
         code = _code_of(saved)
         received = backward_inputs.get(saved.name)
@@ -176,7 +174,7 @@ def _code_of(node: object) -> tuple[int, str] | None:
         return 1, "boolean mask"
     if value.dtype == torch.int8 and node.target is operator.getitem and node.args[1] == 1:
         pool = node.args[0]
-        if getattr(pool, "target", None) is prims._low_memory_max_pool_with_offsets.default:
+        if getattr(pool, "target", None) is _compat.low_memory_max_pool_with_offsets:
             window = math.prod(pool.args[1])
             bits = next((b for b in (2, 4) if window <= 2**b), None)
             if bits is not None:
@@ -209,7 +207,7 @@ def _pack(graph: fx.Graph, codes: fx.Node, bits: int, *, before: fx.Node) -> fx.
 def _unpack(graph: fx.Graph, packed: fx.Node, like: torch.Tensor, bits: int, *, before: fx.Node) -> fx.Node:
     numel, per_byte = like.numel(), _BYTE // bits
     order = _memory_order(like)
-    with torch._guards.detect_fake_mode([packed.meta["val"]]):
+    with _compat.detect_fake_mode([packed.meta["val"]]):
         packed.meta["val"] = packed.meta["val"].new_empty([-(-numel // per_byte)], dtype=torch.uint8)
     packed.meta.pop("tensor_meta", None)
 

@@ -21,11 +21,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.fx as fx
-import torch.utils._pytree as pytree
 from torch import nn
 
 from .analysis import SAVED_AS, SOURCE, Decision, InputKind, display_name
-from .backend import CompiledGraph, MemsaveBackend
+from . import _compat
+from .backend import MemsaveBackend
 from .measure import is_sharded
 from .memory import (
     SavedStorage,
@@ -37,6 +37,7 @@ from .memory import (
     size_hint,
     storage_base,
 )
+from .record import CompiledGraph
 
 if TYPE_CHECKING:
     from os import PathLike
@@ -242,20 +243,20 @@ def plan(model: nn.Module, *args: Any, options: dict[str, Any] | None = None, **
         model, compile_backend = model.module, _as_ddp_compiles(model, functools.partial(backend, options=options))
         options = None
     # Tensors the model creates itself (caches, masks) are faked as they meet the mode.
-    fake_mode = torch._subclasses.fake_tensor.FakeTensorMode(allow_non_fake_inputs=True)
+    fake_mode = _compat.FakeTensorMode(allow_non_fake_inputs=True)
     fake = functools.partial(_fake, fake_mode)
     fake_model = _fake_copy(model, fake)
-    fake_args, fake_kwargs = pytree.tree_map_only(torch.Tensor, fake, (args, kwargs))
+    fake_args, fake_kwargs = _compat.pytree.tree_map_only(torch.Tensor, fake, (args, kwargs))
     # Static: a plan is for these shapes and values. Automatic dynamism would carry over from
     # earlier plans (Dynamo keys it by code location) and turn, say, a module's float eps
     # into a tensor input whose value a fake tensor cannot give.
     compiled = torch.compile(_fresh_copy(_call), backend=compile_backend, options=options, dynamic=False, **_ISOLATED)
     # A cache hit would skip the passes and the partitioner, which record the graphs.
-    with fake_mode, torch._functorch.config.patch(enable_autograd_cache=False):
+    with fake_mode, _compat.autograd_cache_disabled():
         compiled(fake_model, fake_args, fake_kwargs)
     if not backend.compiled:
         raise RuntimeError(f"torch.compile captured no graph from {type(model).__name__}: there is nothing to plan")
-    baseline = [graph._trace(False) for graph in backend.compiled]
+    baseline = [graph.retrace(False) for graph in backend.compiled]
     return MemoryPlan.from_graphs(backend.compiled, baseline)
 
 
@@ -273,11 +274,9 @@ def _as_ddp_compiles(ddp: nn.parallel.DistributedDataParallel, compile_fn: Calla
     Dynamo's DDP optimizer (the default) each graph is split where DDP's gradient buckets end and
     the pieces are compiled one by one, which changes what is saved: a value crossing a split
     is an output of one piece."""
-    if torch._dynamo.utils.get_optimize_ddp_mode() != "ddp_optimizer":
+    if _compat.get_optimize_ddp_mode() != "ddp_optimizer":
         return compile_fn
-    from torch._dynamo.backends.distributed import DDPOptimizer
-
-    return DDPOptimizer(ddp.bucket_bytes_cap, compile_fn).compile_fn
+    return _compat.DDPOptimizer(ddp.bucket_bytes_cap, compile_fn).compile_fn
 
 
 def _call(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -296,7 +295,7 @@ def _fresh_copy(function: types.FunctionType) -> types.FunctionType:
 _ISOLATED = {"isolate_recompiles": True} if "isolate_recompiles" in inspect.signature(torch.compile).parameters else {}
 
 
-def _fake(fake_mode: torch._subclasses.fake_tensor.FakeTensorMode, tensor: torch.Tensor) -> torch.Tensor:
+def _fake(fake_mode: _compat.FakeTensorMode, tensor: torch.Tensor) -> torch.Tensor:
     """A fake tensor like `tensor`. Meta tensors become CPU tensors: the meta device has no
     kernels to choose between (attention, convolution layouts), so its plan would be no one's."""
     if tensor.device.type != "meta":
@@ -396,7 +395,7 @@ class _ReadersOf:
         self.backward = graph.backward.graph
         self.placeholders = {n.name: n for n in self.backward.find_nodes(op="placeholder")}
         output = self.backward.output_node()
-        descs = output.meta.get("desc") or [None] * len(output.args[0])
+        descs = output.meta.get(_compat.OUTPUT_DESCRIPTORS) or [None] * len(output.args[0])
         self.gradient_of: dict[fx.Node, str] = {}
         for value, desc in zip(output.args[0], descs):
             index = getattr(getattr(desc, "grad_of", None), "idx", None)

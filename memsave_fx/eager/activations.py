@@ -90,9 +90,9 @@ def _apply(input: torch.Tensor, activation: _Activation, first: float, second: f
     if activation is _Activation.RELU:
         return torch.relu_(input) if inplace else torch.relu(input)
     if activation is _Activation.LEAKY_RELU:
-        return torch._C._nn.leaky_relu_(input, first) if inplace else torch._C._nn.leaky_relu(input, first)
+        return aten.leaky_relu_(input, first) if inplace else aten.leaky_relu(input, first)
     if activation is _Activation.HARDTANH:
-        return torch._C._nn.hardtanh_(input, first, second) if inplace else torch._C._nn.hardtanh(input, first, second)
+        return aten.hardtanh_(input, first, second) if inplace else aten.hardtanh(input, first, second)
     return torch.threshold_(input, first, second) if inplace else torch.threshold(input, first, second)
 
 

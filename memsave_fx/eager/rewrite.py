@@ -9,11 +9,10 @@ from collections.abc import Callable
 
 import torch
 import torch.fx as fx
-import torch.utils._pytree as pytree
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
+from .. import _compat
 from ..analysis import is_tangent
 from .replacements import FUNCTIONS, METHODS, MODULES
 
@@ -70,7 +69,7 @@ def rewrite(gm: fx.GraphModule) -> fx.GraphModule:
 def _copy_graph(graph: fx.Graph) -> fx.Graph:
     """A copy of `graph`'s nodes (metadata copied shallowly, as `Graph.__deepcopy__` does) that
     shares its code generator, which holds no nodes: deep-copying a pytree code generator warns."""
-    copied = fx.Graph(tracer_cls=graph._tracer_cls)
+    copied = fx.Graph(tracer_cls=_compat.tracer_class(graph))
     value, output = copied.graph_copy(graph, {}, return_output_node=True)
     copied.output(value, type_expr=output.type).meta = copy.copy(output.meta)
     copied._codegen = graph._codegen
@@ -96,10 +95,10 @@ def _rewrite_joint_graph(gm: fx.GraphModule) -> list:
 def _fake_values_in_one_mode(gm: fx.GraphModule) -> None:
     """Propagate fresh fake values when the graph's come from several fake modes (as `make_fx`
     of real tensors leaves them): the passes compute new values from their inputs' together."""
-    values = [v for n in gm.graph.nodes for v in pytree.tree_leaves(n.meta.get("val")) if isinstance(v, FakeTensor)]
+    values = [v for n in gm.graph.nodes for v in _compat.pytree.tree_leaves(n.meta.get("val")) if isinstance(v, _compat.FakeTensor)]
     if len({id(v.fake_mode) for v in values}) <= 1:
         return
-    mode = FakeTensorMode()
+    mode = _compat.FakeTensorMode()
     inputs = []
     for placeholder in gm.graph.find_nodes(op="placeholder"):
         value = placeholder.meta["val"]

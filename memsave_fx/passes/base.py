@@ -10,9 +10,8 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch._guards import detect_fake_mode
-from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
+from .. import _compat
 from ..config import MemsaveConfig
 
 
@@ -47,8 +46,6 @@ def replace_outputs(graph: fx.Graph, node: fx.Node, users: dict[int, fx.Node], r
         graph.erase_node(user)
     graph.erase_node(node)
 
-# Copied onto new nodes so the partitioner places them and tools can attribute them.
-_INHERITED_META = ("partitioner_tag", "stack_trace", "seq_nr", "nn_module_stack", "fwd_nn_module_stack")
 
 
 def insert_call(
@@ -67,13 +64,13 @@ def insert_call(
         node = graph.call_function(target, args, kwargs)
     fake_args, fake_kwargs = fx.node.map_arg((args, kwargs), lambda n: n.meta["val"])
     # Factory ops take no tensor, so the mode comes from the node being replaced.
-    fake_mode = detect_fake_mode([n.meta["val"] for n in node.all_input_nodes] + [like.meta.get("val")])
+    fake_mode = _compat.detect_fake_mode([n.meta["val"] for n in node.all_input_nodes] + [like.meta.get("val")])
     with fake_mode if fake_mode is not None else contextlib.nullcontext():
         value = target(*fake_args, **fake_kwargs)
     node.meta["val"] = value
     if isinstance(value, torch.Tensor):
-        node.meta["tensor_meta"] = _extract_tensor_metadata(value)
-    for key in _INHERITED_META:
+        node.meta["tensor_meta"] = _compat.extract_tensor_metadata(value)
+    for key in _compat.INHERITED_META:
         if key in like.meta:
             node.meta[key] = like.meta[key]
     return node

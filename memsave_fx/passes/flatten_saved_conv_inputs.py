@@ -25,6 +25,7 @@ from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from torch.utils.checkpoint import CheckpointPolicy
 
 from ..analysis import IS_BACKWARD, display_name, is_primal
+from .. import _compat
 from ..config import MemsaveConfig
 from .base import Rewrite, insert_call
 
@@ -78,15 +79,15 @@ def _flatten(
     shape = [int(s) for s in primal.meta["val"].shape]
     first_user = next(n for n in graph.nodes if n in primal.users)
     flat = insert_call(graph, aten._unsafe_view.default, (primal, [primal.meta["val"].numel()]), like=first_user)
-    flat.meta["partitioner_tag"] = "must_be_in_forward"
+    _compat.tag_for_forward(flat)
     flat.meta["recompute"] = CheckpointPolicy.MUST_SAVE
     for_forward = insert_call(graph, aten.view.default, (flat, shape), like=first_user)
-    for_forward.meta["partitioner_tag"] = "must_be_in_forward"
+    _compat.tag_for_forward(for_forward)
     for user in forward_users:
         user.replace_input_with(primal, for_forward)
     first_backward_user = next(n for n in graph.nodes if n in backward_users)
     for_backward = insert_call(graph, aten._unsafe_view.default, (flat, shape), like=first_backward_user)
-    for_backward.meta["partitioner_tag"] = "must_be_in_backward"
+    _compat.tag_for_backward(for_backward)
     for user in backward_users:
         user.replace_input_with(primal, for_backward)
     return Rewrite(

@@ -20,6 +20,7 @@ from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from torch.utils.checkpoint import CheckpointPolicy
 
 from ..analysis import ARG_PURPOSES, BACKWARD_READS, IS_BACKWARD, SAVED_AS, Decision, ReadPurpose, SavedAs, display_name
+from .. import _compat
 from ..config import MemsaveConfig
 from .base import Rewrite, insert_call
 
@@ -103,7 +104,7 @@ def _upsampled(graph: fx.Graph, pooled: fx.Node, conv_input: fx.Node, k: int, *,
 
     def call(target, *args, **kwargs):
         node = insert_call(graph, target, args, kwargs, like=before)
-        node.meta["partitioner_tag"] = "must_be_in_backward"  # else it would be kept instead
+        _compat.tag_for_backward(node)  # else it would be kept instead
         return node
 
     shape = [int(d) for d in conv_input.meta["val"].shape]

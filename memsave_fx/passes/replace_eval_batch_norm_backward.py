@@ -13,9 +13,9 @@ import logging
 
 import torch
 import torch.fx as fx
-from torch._prims_common import get_computation_dtype
 
 from ..analysis import ARG_PURPOSES, LIVE_OUTPUTS, ReadPurpose, display_name
+from .. import _compat
 from ..config import MemsaveConfig
 from .base import Rewrite, insert_call, output_users, replace_outputs
 
@@ -50,7 +50,7 @@ def _rewrite(graph: fx.Graph, node: fx.Node) -> Rewrite:
 
     # Compute in the kernel's accumulation dtype, as aten does, then round once.
     grad_dtype = grad_out.meta["val"].dtype
-    compute_dtype = get_computation_dtype(grad_dtype)
+    compute_dtype = _compat.get_computation_dtype(grad_dtype)
     ndim = grad_out.meta["val"].dim()
 
     def call(target, *args, **kwargs):

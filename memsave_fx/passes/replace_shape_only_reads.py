@@ -16,6 +16,7 @@ import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from ..analysis import ARG_PURPOSES, IS_BACKWARD, SHAPE_ONLY_BACKWARD_OPS, ReadPurpose
+from .. import _compat
 from ..config import MemsaveConfig
 from .base import Rewrite, insert_call
 
@@ -55,7 +56,7 @@ def _replace_argument(graph: fx.Graph, node: fx.Node, index: int, source: fx.Nod
         like=node,
     )
     # Created from nothing, it would otherwise be free to land in the forward and be saved.
-    stand_in.meta["partitioner_tag"] = "must_be_in_backward"
+    _compat.tag_for_backward(stand_in)
     node.replace_input_with(source, stand_in)
     return Rewrite(
         replace_shape_only_reads.__name__,

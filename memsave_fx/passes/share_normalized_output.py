@@ -28,9 +28,9 @@ import operator
 
 import torch
 import torch.fx as fx
-from torch._functorch.partitioners import OpTypes, get_default_op_list
 
 from ..analysis import IS_BACKWARD, IS_FORWARD, SAVED_AS, Decision, SavedAs
+from .. import _compat
 from ..config import MemsaveConfig
 from .base import Rewrite, insert_call
 
@@ -231,8 +231,8 @@ def _materialises(reader: fx.Node) -> bool:
 
 
 @functools.cache
-def _op_types() -> OpTypes:
-    return get_default_op_list()
+def _op_types() -> _compat.OpTypes:
+    return _compat.get_default_op_list()
 
 
 def _duplicates(graph: fx.Graph, values: tuple[fx.Node, ...]) -> dict[fx.Node, fx.Node]:
@@ -366,7 +366,7 @@ class _Rebuilder:
 
     def _call(self, target, args, kwargs=None, *, like: fx.Node, before: fx.Node) -> fx.Node:
         node = insert_call(self.graph, target, args, kwargs, like=like, before=before)
-        node.meta["partitioner_tag"] = "must_be_in_backward"
+        _compat.tag_for_backward(node)
         node.meta[IS_BACKWARD] = True
         node.meta[IS_FORWARD] = False
         return node

@@ -1,0 +1,182 @@
+"""Every private torch API memsave_fx uses, in one place.
+
+memsave's passes work inside AOTAutograd and Inductor, whose internals change between torch
+releases. Each one used is named here, and resolved when first used (Inductor's modules are
+heavy; `import memsave_fx` stays lean). One that a torch release removed or moved raises
+`TorchInternalsError` naming the torch version and the symbol, so that memsave never goes on
+computing something else. A torch upgrade is this file's work; `check_internals()` resolves
+them all at once (the tests and `memsave-fx selftest` call it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.fx as fx
+
+if TYPE_CHECKING:  # for type checkers only: at run time each name resolves on first use
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._dynamo.backends.debugging import boxed_nop
+    from torch._dynamo.backends.distributed import DDPOptimizer
+    from torch._functorch._aot_autograd.descriptors import GradAOTOutput, SavedForBackwardsAOTOutput
+    from torch._functorch.partitioners import OpTypes, get_default_op_list, min_cut_rematerialization_partition
+    from torch._guards import detect_fake_mode
+    from torch._inductor.compile_fx import compile_fx
+    from torch._inductor.custom_graph_pass import CustomGraphPass, CustomPartitionerFn, get_hash_for_files
+    from torch._inductor.graph import GraphLowering
+    from torch._inductor.output_code import OutputCode
+    from torch._ops import OpOverload
+    from torch._prims_common import get_computation_dtype, is_non_overlapping_and_dense_or_false
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+    from torch.fx.passes.shape_prop import _extract_tensor_metadata as extract_tensor_metadata
+
+__all__ = ["TorchInternalsError", "check_internals"]
+
+# name here -> (module, attribute) in torch
+_INTERNALS: dict[str, tuple[str, str]] = {
+    # Dynamo: the eager compiler path, DDP graph splitting
+    "aot_autograd": ("torch._dynamo.backends.common", "aot_autograd"),
+    "boxed_nop": ("torch._dynamo.backends.debugging", "boxed_nop"),
+    "DDPOptimizer": ("torch._dynamo.backends.distributed", "DDPOptimizer"),
+    "get_optimize_ddp_mode": ("torch._dynamo.utils", "get_optimize_ddp_mode"),
+    "counters": ("torch._dynamo.utils", "counters"),
+    "innermost_fn": ("torch._dynamo.eval_frame", "innermost_fn"),  # what Dynamo keeps of a compiled function
+    # AOTAutograd: output descriptors of the joint and partitioned graphs, the partitioner
+    "GradAOTOutput": ("torch._functorch._aot_autograd.descriptors", "GradAOTOutput"),
+    "SavedForBackwardsAOTOutput": ("torch._functorch._aot_autograd.descriptors", "SavedForBackwardsAOTOutput"),
+    "min_cut_rematerialization_partition": ("torch._functorch.partitioners", "min_cut_rematerialization_partition"),
+    "OpTypes": ("torch._functorch.partitioners", "OpTypes"),
+    "get_default_op_list": ("torch._functorch.partitioners", "get_default_op_list"),
+    "functorch_config": ("torch._functorch", "config"),
+    # Inductor: the pass and partitioner hooks, compile entry points, layout decisions
+    "CustomGraphPass": ("torch._inductor.custom_graph_pass", "CustomGraphPass"),
+    "CustomPartitionerFn": ("torch._inductor.custom_graph_pass", "CustomPartitionerFn"),
+    "get_hash_for_files": ("torch._inductor.custom_graph_pass", "get_hash_for_files"),
+    "compile_fx": ("torch._inductor.compile_fx", "compile_fx"),
+    "OutputCode": ("torch._inductor.output_code", "OutputCode"),
+    "GraphLowering": ("torch._inductor.graph", "GraphLowering"),
+    "TorchCompileInductorWrapper": ("torch", "_TorchCompileInductorWrapper"),
+    # fake tensors and metadata
+    "detect_fake_mode": ("torch._guards", "detect_fake_mode"),
+    "FakeTensor": ("torch._subclasses.fake_tensor", "FakeTensor"),
+    "FakeTensorMode": ("torch._subclasses.fake_tensor", "FakeTensorMode"),
+    "extract_tensor_metadata": ("torch.fx.passes.shape_prop", "_extract_tensor_metadata"),
+    "OpOverload": ("torch._ops", "OpOverload"),
+    "get_computation_dtype": ("torch._prims_common", "get_computation_dtype"),
+    "pytree": ("torch.utils._pytree", ""),
+    "is_non_overlapping_and_dense_or_false": ("torch._prims_common", "is_non_overlapping_and_dense_or_false"),
+    # Inductor's lowering of max_pool2d_with_indices: int8 offsets within the window
+    "low_memory_max_pool_with_offsets": ("torch.ops.prims", "_low_memory_max_pool_with_offsets"),
+}
+
+# AOTAutograd's graph conventions, read and written in node.meta
+OUTPUT_DESCRIPTORS = "desc"  # on a graph's output node: what each output is
+DYNAMO_GRAPH_ARGUMENT = "grapharg"  # on a Dynamo placeholder: where the input came from
+_PARTITIONER_TAG = "partitioner_tag"
+
+
+class TorchInternalsError(ImportError):
+    """A torch internal memsave_fx relies on is missing from the installed torch."""
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _INTERNALS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module_name, attribute = _INTERNALS[name]
+    value = _resolve(module_name, attribute)
+    globals()[name] = value  # resolved once
+    return value
+
+
+def _resolve(module_name: str, attribute: str) -> Any:
+    symbol = f"{module_name}.{attribute}"
+    try:
+        if module_name.startswith("torch.ops."):
+            namespace = getattr(torch.ops, module_name.removeprefix("torch.ops."))
+            return getattr(namespace, attribute).default
+        module = importlib.import_module(module_name)
+        return getattr(module, attribute) if attribute else module
+    except (ImportError, AttributeError, RuntimeError) as error:
+        raise TorchInternalsError(
+            f"memsave_fx needs {symbol}, which torch {torch.__version__} does not have ({error}). "
+            "This torch release changed an internal memsave's passes rely on; memsave_fx stops "
+            "rather than compute something else. Use a torch version memsave_fx is tested on, "
+            "or a newer memsave_fx."
+        ) from error
+
+
+def check_internals() -> dict[str, str]:
+    """Resolve every internal; return the missing ones, by name, with the error text."""
+    missing = {}
+    for name in _INTERNALS:
+        try:
+            __getattr__(name)
+        except TorchInternalsError as error:
+            missing[name] = str(error)
+    return missing
+
+
+@contextlib.contextmanager
+def autograd_cache_disabled() -> Iterator[None]:
+    """AOTAutograd's cache off: a hit skips the joint pass and the partitioner, which record."""
+    config = __getattr__("functorch_config")
+    if not hasattr(config, "enable_autograd_cache"):
+        raise TorchInternalsError(
+            f"memsave_fx needs torch._functorch.config.enable_autograd_cache, which torch {torch.__version__} does not have"
+        )
+    with config.patch(enable_autograd_cache=False):
+        yield
+
+
+def autograd_cache_hits() -> int:
+    """How many graphs AOTAutograd's cache has served in this process."""
+    return __getattr__("counters")["aot_autograd"]["autograd_cache_hit"]
+
+
+def inductor_compiler(mode: str | None, options: dict[str, Any]) -> Any:
+    """What `torch.compile(backend="inductor", mode=mode, options=options)` compiles with: it
+    validates the options and expands the mode, and exposes the resulting `.config`."""
+    return __getattr__("TorchCompileInductorWrapper")(mode, options, dynamic=None)
+
+
+def tracer_class(graph: fx.Graph) -> type | None:
+    """The tracer class a graph was made with, to make a copy of the same kind."""
+    return graph._tracer_cls
+
+
+def tag_for_backward(node: fx.Node) -> None:
+    """Place `node` in the backward graph: the partitioner may not compute it in the forward."""
+    _tag(node, "must_be_in_backward", "_has_tag_must_be_in_backward")
+
+
+def tag_for_forward(node: fx.Node) -> None:
+    """Place `node` in the forward graph."""
+    _tag(node, "must_be_in_forward", "_has_tag_must_be_in_forward")
+
+
+def is_tagged_for_backward(node: fx.Node) -> bool:
+    return node.meta.get(_PARTITIONER_TAG) == "must_be_in_backward"
+
+
+_checked_tags: set[str] = set()
+
+
+def _tag(node: fx.Node, tag: str, partitioner_predicate: str) -> None:
+    node.meta[_PARTITIONER_TAG] = tag
+    if tag in _checked_tags:
+        return
+    # Once per tag: the partitioner still reads it, else the rewrite's values could be moved.
+    predicate = _resolve("torch._functorch.partitioners", partitioner_predicate)
+    if not predicate(node):
+        raise TorchInternalsError(
+            f"torch {torch.__version__}'s partitioner no longer reads the node tag {_PARTITIONER_TAG}={tag!r}"
+        )
+    _checked_tags.add(tag)
+
+
+INHERITED_META = (_PARTITIONER_TAG, "stack_trace", "seq_nr", "nn_module_stack", "fwd_nn_module_stack")
+"""Copied onto new nodes so the partitioner places them and tools can attribute them."""
