@@ -62,28 +62,36 @@ def test_a_backend_object_plans_while_the_model_lives():
     assert 0 < plan.saved_bytes < plan.baseline_saved_bytes
 
 
-@pytest.fixture
-def autograd_cache_on():
-    """AOTAutograd's and Inductor's caches on, in fresh directories (the suite turns the former off)."""
-    from torch._inductor.utils import fresh_cache
-
-    with fresh_cache(), torch._functorch.config.patch(enable_autograd_cache=True):
-        yield
-
-
 def compile_once(backend) -> None:
     model, x = frozen_convnet()
     torch.compile(model, backend=backend)(x).square().mean().backward()
     torch._dynamo.reset()
 
 
+@pytest.fixture(scope="module")
+def warm_cache():
+    """Fresh Inductor and AOTAutograd cache directories, holding the frozen convnet compiled
+    once by memsave; the record of that cold compile."""
+    from torch._inductor.utils import fresh_cache
+
+    with fresh_cache(), torch._functorch.config.patch(enable_autograd_cache=True):
+        cold = memsave_fx.backend()
+        compile_once(cold)
+        yield cold.compiled[0]
+
+
+@pytest.fixture
+def autograd_cache_on(warm_cache):
+    with torch._functorch.config.patch(enable_autograd_cache=True):  # the suite turns it off
+        yield warm_cache
+
+
 def test_a_record_served_from_cache_says_what_the_graph_does(autograd_cache_on):
-    cold, warm = memsave_fx.backend(), memsave_fx.backend()
-    compile_once(cold)
+    first, warm = autograd_cache_on, memsave_fx.backend()
     model, x = frozen_convnet()
     compiled = torch.compile(model, backend=warm)
     compiled(x).square().mean().backward()
-    (first,), (second,) = cold.compiled, warm.compiled
+    (second,) = warm.compiled
     assert not first.from_cache and second.from_cache
     assert not second.traced  # nothing re-derived until read
     assert second.rewrites == first.rewrites and any(r.applied for r in second.rewrites)
@@ -92,7 +100,6 @@ def test_a_record_served_from_cache_says_what_the_graph_does(autograd_cache_on):
 
 
 def test_a_cached_record_whose_model_was_freed_says_so(autograd_cache_on):
-    compile_once(memsave_fx.backend())
     backend = memsave_fx.backend()
     train_and_drop(backend)
     (graph,) = backend.compiled
@@ -102,7 +109,6 @@ def test_a_cached_record_whose_model_was_freed_says_so(autograd_cache_on):
 def test_gradients_of_a_cached_graph_match_eager(autograd_cache_on):
     from tests.utils import assert_grads_match
 
-    compile_once("memsave")
     model, x = frozen_convnet()
     before = len(memsave_backend.compiled)
     assert_grads_match(copy.deepcopy(model), [x], "memsave")
