@@ -73,7 +73,7 @@ class MemoryPlan:
     baseline_saved_bytes: int
     peak_bytes: int
     baseline_peak_bytes: int
-    tensors: tuple[SavedTensor, ...]
+    tensors: tuple[SavedTensor, ...]  # largest first, by what stock compilation keeps
     parameter_bytes: int  # parameters and buffers
     input_bytes: int
     gradient_bytes: int
@@ -89,6 +89,8 @@ class MemoryPlan:
         if len(memsave) != len(baseline) or any(g.forward is None for g in (*memsave, *baseline)):
             raise ValueError("a plan needs a traced forward graph, with and without memsave, per compiled graph")
         tensors = [t for i, (m, b) in enumerate(zip(memsave, baseline)) for t in _saved_tensors(m, b, i)]
+        # Largest first, by what stock compilation keeps: what memsave changed comes first.
+        tensors.sort(key=lambda t: (-t.baseline_nbytes, -t.nbytes))
         fuses_pointwise = memsave[0].config.compiler == "inductor"
         timelines = [memory_timeline(g.forward, g.backward, fuses_pointwise=fuses_pointwise) for g in memsave]
         baseline_timelines = [memory_timeline(g.forward, g.backward, fuses_pointwise=fuses_pointwise) for g in baseline]
@@ -203,6 +205,8 @@ class MemoryPlan:
                 highest = max(highest, mib[peak])
         over_time.axvline(1.0, color="black", linewidth=0.8, linestyle=":")
         over_time.set_xticks([0, 0.5, 1, 1.5, 2], ["start", "forward", "", "backward", "end"])
+        # The two runs' graphs hold different ops, so one x is not one op in both: say so.
+        over_time.set_xlabel("each run's own ops, in order: forward scaled to 0..1, backward to 1..2 (compare peaks, not points)")
         over_time.set_ylabel("live memory (MiB, estimated)")
         over_time.set_title("memory over one training step")
         over_time.set_ylim(0, 1.25 * highest or 1)
