@@ -1,4 +1,4 @@
-"""`python -m memsave_fx plan pkg.module:factory`: the `memsave-fx` command."""
+"""`python -m memsave_fx plan ...` and `python -m memsave_fx selftest`: the `memsave-fx` command."""
 
 from .cli import main
 

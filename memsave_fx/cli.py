@@ -1,4 +1,5 @@
 """`memsave-fx plan pkg.module:factory [--batch-size 8 ...]`: print a model's memory plan.
+`memsave-fx selftest [--device cpu|cuda]`: check memsave's gradients and savings on this torch.
 
 The factory returns `(model, inputs)`: inputs are one tensor, a tuple of positional arguments,
 or a dict of keyword arguments; `(model, args, kwargs)` gives both. Every option the command
@@ -42,8 +43,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     plan_parser.add_argument("--largest", type=int, default=10, metavar="N", help="list the N largest tensors")
     plan_parser.add_argument("--json", type=Path, metavar="FILE", help="also write the plan as JSON")
     plan_parser.add_argument("--plot", type=Path, metavar="FILE", help="also draw the plan as a PNG")
-    arguments, factory_arguments = parser.parse_known_args(argv)
-    return _plan(plan_parser, arguments, factory_arguments)
+    selftest_parser = commands.add_parser(
+        "selftest",
+        help="check memsave on this torch and device: gradients against eager PyTorch, saved bytes against Inductor",
+        description="Compile small models covering every exact rewrite with eager PyTorch, stock Inductor and "
+        "memsave; compare the gradients and the saved bytes, and the plan with the measurement. Exits 1 naming "
+        "the failing cases.",
+    )
+    selftest_parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    arguments, extra_arguments = parser.parse_known_args(argv)
+    if arguments.command == "selftest":
+        if extra_arguments:
+            selftest_parser.error(f"unrecognized arguments: {' '.join(extra_arguments)}")
+        return _selftest(selftest_parser, arguments.device)
+    return _plan(plan_parser, arguments, extra_arguments)
+
+
+def _selftest(parser: argparse.ArgumentParser, device: str) -> int:
+    from .selftest import run_selftest
+
+    if device == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device cuda: CUDA is not available to torch {torch.__version__}; valid here: --device cpu")
+    return 0 if run_selftest(device).passed else 1
 
 
 def _plan(parser: argparse.ArgumentParser, arguments: argparse.Namespace, factory_arguments: list[str]) -> int:
