@@ -139,3 +139,103 @@ def build(name: str, batch: int | None = None, size: int | None = None) -> tuple
     """Workload `name`, at its own batch and size where these are None."""
     given = {"batch": batch, "size": size}
     return WORKLOADS[name](**{k: v for k, v in given.items() if v is not None})
+
+
+# Full-size workloads for the GPU benchmark (benchmarks/gpu.py). They are not in WORKLOADS:
+# at their default sizes they are too large for the CPU benchmarks and tests that run all of
+# WORKLOADS. Keyword arguments shrink them for a smoke run.
+
+
+def _bottleneck_resnet(depths: tuple[int, ...], hidden_sizes: tuple[int, ...], embedding_size: int) -> nn.Module:
+    from transformers import ResNetConfig, ResNetModel
+
+    config = ResNetConfig(
+        num_channels=3, embedding_size=embedding_size, hidden_sizes=list(hidden_sizes), depths=list(depths),
+        layer_type="bottleneck",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return ResNetModel(config).eval()
+
+
+def _resnet_name(depths: tuple[int, ...]) -> str:
+    # Three convolutions per bottleneck block, plus the stem and the classifier that the name counts.
+    return f"ResNet-{3 * sum(depths) + 2} (bottleneck, depths {list(depths)})"
+
+
+def bottleneck_resnet_input_grad(
+    batch: int = 64,
+    size: int = 224,
+    *,
+    depths: tuple[int, ...] = (3, 4, 23, 3),
+    hidden_sizes: tuple[int, ...] = (256, 512, 1024, 2048),
+    embedding_size: int = 64,
+):
+    """The memsave paper's headline case, ResNet-101 by default: no parameter trains, only the
+    input requires grad; BatchNorm in eval mode."""
+    model = _bottleneck_resnet(depths, hidden_sizes, embedding_size)
+    model.requires_grad_(False)
+    pixels = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    return PooledOutput(model), [pixels], f"{_resnet_name(depths)}, no parameter trains, the input requires grad, BN eval"
+
+
+def bottleneck_resnet_stem(
+    batch: int = 64,
+    size: int = 224,
+    *,
+    depths: tuple[int, ...] = (3, 4, 6, 3),
+    hidden_sizes: tuple[int, ...] = (256, 512, 1024, 2048),
+    embedding_size: int = 64,
+):
+    """ResNet-50 by default: only the stem (conv + BN) trains; BatchNorm in eval mode."""
+    model = _bottleneck_resnet(depths, hidden_sizes, embedding_size)
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(name.startswith("embedder."))
+    pixels = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+    return PooledOutput(model), [pixels], f"{_resnet_name(depths)}, only the stem (conv + BN) trains, BN eval"
+
+
+class CausalLMLoss(nn.Module):
+    """Calls a causal language model with labels and returns its loss."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, labels=labels).loss
+
+
+def llama_lora_causal_lm(
+    batch: int = 4,
+    size: int = 512,
+    *,
+    hidden_size: int = 1024,
+    intermediate_size: int = 2816,
+    layers: int = 4,
+    heads: int = 16,
+    kv_heads: int = 8,
+    vocab_size: int = 32000,
+    dtype: torch.dtype = torch.bfloat16,
+):
+    """A Llama causal LM (RMSNorm, SwiGLU, rotary attention, grouped-query attention) with its
+    weights in `dtype` and peft LoRA on every linear layer but the head; the model returns the
+    language-modelling loss. peft's defaults (rank 8, fp32 adapters) except lora_dropout=0.05,
+    the usual recipe (peft's default is 0)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=hidden_size, intermediate_size=intermediate_size, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab_size,
+        max_position_embeddings=max(size, 2048), use_cache=False,  # training: no key/value cache
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(dtype)
+    lora = LoraConfig(task_type="CAUSAL_LM", target_modules="all-linear", lora_dropout=0.05)
+    model = get_peft_model(model, lora)
+    tokens = torch.randint(0, vocab_size, (batch, size), generator=torch.Generator().manual_seed(0))
+    description = (
+        f"Llama, {layers} layers, hidden {hidden_size}, vocab {vocab_size}, {str(dtype).removeprefix('torch.')} "
+        "weights, peft LoRA (r=8, dropout 0.05) on every linear layer, causal-LM loss"
+    )
+    return CausalLMLoss(model), [tokens, tokens.clone()], description
