@@ -8,7 +8,6 @@ The backend is registered only through the `torch_dynamo_backends` entry point.
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import functools
 import logging
@@ -38,14 +37,23 @@ _PARTITIONER_OPTION = "custom_partitioner_fn"
 class MemsaveBackend:
     """A torch.compile backend; `compiled` lists what it compiled, one entry per graph.
 
-    With `generate_code=False` it only partitions: the compiled callables run the partitioned
-    graphs as they are (on fake tensors, for `memsave_fx.plan`).
+    `options` are memsave's (`MemsaveConfig`'s keys); each compile takes the options
+    torch.compile passes, then these, then the `MEMSAVE_<OPTION>` environment variables as they
+    are at that compile, then the defaults. With `generate_code=False` it only partitions: the
+    compiled callables run the partitioned graphs as they are (on fake tensors, for
+    `memsave_fx.plan`).
     """
 
-    def __init__(self, config: MemsaveConfig | None = None, *, generate_code: bool = True) -> None:
-        self.config = config or MemsaveConfig()
+    def __init__(self, options: dict[str, Any] | None = None, *, generate_code: bool = True) -> None:
+        self.options = dict(options or {})
+        MemsaveConfig.from_options(self.options)  # bad options fail here, not at the first compile
         self.generate_code = generate_code
         self.compiled: list[CompiledGraph] = []
+
+    @property
+    def config(self) -> MemsaveConfig:
+        """The options a compile given none of its own gets now."""
+        return MemsaveConfig.from_options(self.options)
 
     def __repr__(self) -> str:
         return f"MemsaveBackend({self.config!r})"
@@ -77,7 +85,7 @@ class MemsaveBackend:
 
     def _resolve(self, mode: str | None, options: dict[str, Any] | None) -> tuple[MemsaveConfig, dict[str, Any]]:
         overrides, inductor_options = MemsaveConfig.split_options(options)
-        config = dataclasses.replace(self.config, **overrides)
+        config = MemsaveConfig.from_options({**self.options, **overrides})
         for reserved in (_JOINT_PASS_OPTION, _PARTITIONER_OPTION):
             if reserved in inductor_options:
                 raise ValueError(
@@ -217,9 +225,10 @@ def _compile_eager(
     )(gm, example_inputs)
 
 
-def backend(**config: Any) -> MemsaveBackend:
-    """A memsave backend with the given `MemsaveConfig` options, for `torch.compile(backend=...)`."""
-    return MemsaveBackend(MemsaveConfig(**config))
+def backend(**options: Any) -> MemsaveBackend:
+    """A memsave backend with the given `MemsaveConfig` options, for `torch.compile(backend=...)`;
+    options not given come from `MEMSAVE_<OPTION>` environment variables where these are set."""
+    return MemsaveBackend(options)
 
 
 # The entry point target: `torch.compile(model, backend="memsave")` finds it by name.

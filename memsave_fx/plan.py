@@ -26,6 +26,7 @@ from torch import nn
 from .analysis import SAVED_AS, SOURCE, Decision, InputKind, display_name
 from . import _compat
 from .backend import MemsaveBackend
+from .config import environment_variable
 from .measure import is_sharded
 from .memory import (
     SavedStorage,
@@ -81,6 +82,8 @@ class MemoryPlan:
     baseline_timeline: Timeline
     baseline: str  # what the baseline compiles with
     graphs: int
+    # memsave options set by MEMSAVE_<OPTION> variables: "share_norms=True (MEMSAVE_SHARE_NORMS)"
+    options_from_environment: tuple[str, ...] = ()
 
     @classmethod
     def from_graphs(cls, memsave: Sequence[CompiledGraph], baseline: Sequence[CompiledGraph]) -> MemoryPlan:
@@ -91,7 +94,8 @@ class MemoryPlan:
         tensors = [t for i, (m, b) in enumerate(zip(memsave, baseline)) for t in _saved_tensors(m, b, i)]
         # Largest first, by what stock compilation keeps: what memsave changed comes first.
         tensors.sort(key=lambda t: (-t.baseline_nbytes, -t.nbytes))
-        fuses_pointwise = memsave[0].config.compiler == "inductor"
+        config = memsave[0].config
+        fuses_pointwise = config.compiler == "inductor"
         timelines = [memory_timeline(g.forward, g.backward, fuses_pointwise=fuses_pointwise) for g in memsave]
         baseline_timelines = [memory_timeline(g.forward, g.backward, fuses_pointwise=fuses_pointwise) for g in baseline]
         parameter_bytes, input_bytes = _input_bytes(memsave)
@@ -110,6 +114,9 @@ class MemoryPlan:
             baseline_timeline=baseline_timeline,
             baseline="stock Inductor" if fuses_pointwise else "AOTAutograd's min-cut partition (compiler='eager')",
             graphs=len(memsave),
+            options_from_environment=tuple(
+                f"{name}={getattr(config, name)!r} ({environment_variable(name)})" for name in config.from_environment
+            ),
         )
 
     def by_module(self) -> dict[str, tuple[int, int]]:
@@ -157,15 +164,20 @@ class MemoryPlan:
             f"{'gradients':24}{_format_bytes(self.gradient_bytes):>12}",
             "",
             "saved for backward, by module:",
-            f"  {'module':40}{'baseline':>12}{'memsave':>12}{'ratio':>8}",
         ]
-        for module, (kept, baseline) in self.by_module().items():
-            lines.append("  " + _row(module or "(model)", baseline, kept, width=40))
+        if self.options_from_environment:
+            lines.insert(1, f"options from the environment: {', '.join(self.options_from_environment)}")
+        by_module = {_display_name(module) or "(model)": totals for module, totals in self.by_module().items()}
+        # Names in full, up to a width where the table would wrap; cut from the left beyond.
+        width = min(_MODULE_WIDTH, max(map(len, by_module), default=0)) + 2
+        lines.append(f"  {'module':{width}}{'baseline':>12}{'memsave':>12}{'ratio':>8}")
+        for module, (kept, baseline) in by_module.items():
+            lines.append("  " + _row(module, baseline, kept, width=width))
         lines += ["", f"largest saved tensors ({min(largest, len(self.tensors))} of {len(self.tensors)}):"]
         ordered = sorted(self.tensors, key=lambda t: -max(t.baseline_nbytes, t.nbytes))[:largest]
         columns = [
-            ("name", [t.name for t in ordered], 44),
-            ("module", [t.module or "(model)" for t in ordered], 36),
+            ("name", [_display_name(t.name) for t in ordered], 44),
+            ("module", [_display_name(t.module) or "(model)" for t in ordered], _MODULE_WIDTH),
             ("op", [t.op for t in ordered], 20),
             ("shape", ["x".join(map(str, t.shape)) or "scalar" for t in ordered], 20),
             ("dtype", [str(t.dtype).removeprefix("torch.") for t in ordered], 9),
@@ -213,7 +225,7 @@ class MemoryPlan:
         over_time.legend(loc="upper right")
 
         top = list(self.by_module().items())[:modules]
-        names = [module or "(model)" for module, _ in top][::-1]
+        names = [_clip(_display_name(module), 40) or "(model)" for module, _ in top][::-1]
         rows = range(len(names))
         baseline = [b / 2**20 for _, (_, b) in top][::-1]
         kept = [k / 2**20 for _, (k, _) in top][::-1]
@@ -547,7 +559,7 @@ def _step_axis(timeline: Timeline) -> tuple[list[float], list[int]]:
 
 def _row(label: str, baseline: int, kept: int, width: int = 24) -> str:
     ratio = f"{kept / baseline:.2f}x" if baseline else "-"
-    return f"{_clip(label, width - 1):{width}}{_format_bytes(baseline):>12}{_format_bytes(kept):>12}{ratio:>8}"
+    return f"{_clip(label, width - 2):{width}}{_format_bytes(baseline):>12}{_format_bytes(kept):>12}{ratio:>8}"
 
 
 def _format_bytes(n: int) -> str:
@@ -557,7 +569,22 @@ def _format_bytes(n: int) -> str:
     return f"{n} B"
 
 
+# The wrappers peft puts around a model (PeftModel.base_model, LoraModel.model): every name
+# starts with them, so they tell nothing apart.
+_WRAPPER_PREFIXES = ("base_model.model.",)
+_MODULE_WIDTH = 60  # the widest module name the tables show in full
+
+
+def _display_name(name: str) -> str:
+    """A module or parameter name as the tables show it: without peft's wrapper prefix."""
+    for prefix in _WRAPPER_PREFIXES:
+        name = name.removeprefix(prefix)
+    return name
+
+
 def _clip(text: str, width: int) -> str:
-    return text if len(text) <= width else text[: width - 1] + "…"
+    """`text`, cut from the left to `width` characters: the end of a dotted name tells it
+    from its neighbours ("…layers.0.mlp.down_proj")."""
+    return text if len(text) <= width else "…" + text[len(text) - width + 1 :]
 
 

@@ -3,6 +3,7 @@
 import copy
 import json
 import time
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -238,3 +239,24 @@ def test_meta_device_llama_with_7b_wide_layers():
     assert 0 < plan.saved_bytes <= plan.baseline_saved_bytes
     assert plan.parameter_bytes > 2 * 202_000_000 * 4  # two 7B-wide layers and the embeddings, fp32
     assert plan.peak_bytes > plan.parameter_bytes + plan.saved_bytes
+
+
+def test_tables_show_module_names_without_peft_wrappers_and_keep_their_ends():
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    long = "a_module_name_long_enough_to_be_cut_in_a_table_of_sixty_characters"
+
+    def block():
+        return nn.Sequential(OrderedDict(query_projection=nn.Linear(8, 8), relu=nn.ReLU(), **{long: nn.Linear(8, 8)}))
+
+    model = nn.Sequential(OrderedDict(layer_0=block(), layer_1=block()))
+    model = get_peft_model(model, LoraConfig(target_modules=["query_projection"], init_lora_weights=False))
+    plan = memsave_fx.plan(model, torch.randn(4, 8))
+    assert any(t.module.startswith("base_model.model.layer_0.") for t in plan.tensors)  # the data keep full names
+    table = str(plan).split("saved for backward, by module:")[1].split("largest saved tensors")[0]
+    rows = [line.split()[0] for line in table.splitlines()[2:] if line.strip()]
+    assert "layer_0.query_projection.lora_A.default" in rows and "layer_1.query_projection.lora_A.default" in rows
+    assert not any(row.startswith("base_model.model.") for row in rows)
+    cut = [row for row in rows if row.startswith("…")]
+    assert cut and all(long.endswith(row.removeprefix("…")) and len(row) == 60 for row in cut), cut
