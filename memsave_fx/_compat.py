@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import inspect
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -141,6 +142,14 @@ def inductor_compiler(mode: str | None, options: dict[str, Any]) -> Any:
     """What `torch.compile(backend="inductor", mode=mode, options=options)` compiles with: it
     validates the options and expands the mode, and exposes the resulting `.config`."""
     return __getattr__("TorchCompileInductorWrapper")(mode, options, dynamic=None)
+
+
+def compile_with_inductor(inductor: Any, gm: fx.GraphModule, example_inputs: Any, config_patches: dict[str, Any]) -> Any:
+    """Compile `gm` with `inductor` (an `inductor_compiler`) and `config_patches` on top of its
+    own config. Before torch 2.13 the wrapper takes no patches: both go to compile_fx directly."""
+    if "config_patches" in inspect.signature(type(inductor).__call__).parameters:
+        return inductor(gm, example_inputs, config_patches=config_patches)
+    return __getattr__("compile_fx")(gm, example_inputs, config_patches={**inductor.config, **config_patches})
 
 
 def tracer_class(graph: fx.Graph) -> type | None:

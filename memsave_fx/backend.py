@@ -44,9 +44,13 @@ class MemsaveBackend:
     `memsave_fx.plan`).
     """
 
-    def __init__(self, options: dict[str, Any] | None = None, *, generate_code: bool = True) -> None:
+    def __init__(self, options: MemsaveConfig | dict[str, Any] | None = None, *, generate_code: bool = True) -> None:
+        if isinstance(options, MemsaveConfig):  # every option given: the environment is not read
+            options = {name: getattr(options, name) for name in MemsaveConfig.option_names()}
         self.options = dict(options or {})
-        MemsaveConfig.from_options(self.options)  # bad options fail here, not at the first compile
+        # Bad options fail here, not at the first compile. The environment is read at each
+        # compile: the shared "memsave" backend is made at import, which must not fail on it.
+        MemsaveConfig.from_options(self.options, environ={})
         self.generate_code = generate_code
         self.compiled: list[CompiledGraph] = []
 
@@ -56,7 +60,7 @@ class MemsaveBackend:
         return MemsaveConfig.from_options(self.options)
 
     def __repr__(self) -> str:
-        return f"MemsaveBackend({self.config!r})"
+        return f"MemsaveBackend({self.options!r})"
 
     def plans(self) -> list[MemoryPlan]:
         """One memory plan per compiled graph."""
@@ -70,7 +74,7 @@ class MemsaveBackend:
         mode: str | None = None,
         options: dict[str, Any] | None = None,
     ) -> Callable[..., Any]:
-        config, inductor_options = self._resolve(mode, options)
+        config, inductor_options = self.resolve(mode, options)
         inputs = graph_inputs(gm)
         record = CompiledGraph(len(self.compiled), config, len(gm.graph.nodes), inputs)
         self.compiled.append(record)
@@ -83,7 +87,9 @@ class MemsaveBackend:
         record.from_cache = _compat.autograd_cache_hits() > cache_hits
         return record.hold_retrace(retrace, compiled)
 
-    def _resolve(self, mode: str | None, options: dict[str, Any] | None) -> tuple[MemsaveConfig, dict[str, Any]]:
+    def resolve(self, mode: str | None, options: dict[str, Any] | None) -> tuple[MemsaveConfig, dict[str, Any]]:
+        """The memsave config and the Inductor options that a compile with `mode` and `options`
+        gets now; a bad or misspelt option raises a ValueError naming the valid ones."""
         overrides, inductor_options = MemsaveConfig.split_options(options)
         config = MemsaveConfig.from_options({**self.options, **overrides})
         for reserved in (_JOINT_PASS_OPTION, _PARTITIONER_OPTION):
@@ -159,7 +165,7 @@ def _compile(
     inductor = _compat.inductor_compiler(mode, inductor_options)
     patches = {_JOINT_PASS_OPTION: joint_pass, _PARTITIONER_OPTION: partitioner}
     if generate_code:
-        return inductor(gm, example_inputs, config_patches=patches)
+        return _compat.compile_with_inductor(inductor, gm, example_inputs, patches)
     from .partition import keep_graph_without_codegen
 
     return _compat.compile_fx(

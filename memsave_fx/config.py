@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any, Literal
 
 COMPILERS = ("inductor", "eager")
@@ -49,10 +49,7 @@ class MemsaveConfig:
                 f"unknown memsave option{'s' * (len(unknown) > 1)} {', '.join(unknown)}; "
                 f"valid: {', '.join(sorted(cls.option_names()))}"
             )
-        from_environment = {
-            name: value for name, value in environment_options(os.environ if environ is None else environ).items()
-            if name not in options
-        }  # fmt: skip
+        from_environment = environment_options(os.environ if environ is None else environ, skip=options.keys())
         return cls(**options, **from_environment, from_environment=tuple(sorted(from_environment)))
 
     def __post_init__(self) -> None:
@@ -92,8 +89,9 @@ def environment_variable(option: str) -> str:
     return ENVIRONMENT_PREFIX + option.upper()
 
 
-def environment_options(environ: Mapping[str, str]) -> dict[str, Any]:
-    """The memsave options set by `MEMSAVE_<OPTION>` variables in `environ`, parsed.
+def environment_options(environ: Mapping[str, str], skip: Collection[str] = ()) -> dict[str, Any]:
+    """The memsave options set by `MEMSAVE_<OPTION>` variables in `environ`, parsed; options in
+    `skip` (given explicitly) and variables set to "" are left out.
 
     A bad value raises a ValueError naming the variable and its valid values; so does a
     variable that is a misspelling of an option's (other MEMSAVE_ names are not memsave's options).
@@ -113,7 +111,8 @@ def environment_options(environ: Mapping[str, str]) -> dict[str, Any]:
                 )
             continue
         name = variables[variable]
-        options[name] = _parse(variable, text, fields[name].default)
+        if name not in skip and text.strip():
+            options[name] = _parse(variable, text, fields[name].default)
     return options
 
 
@@ -124,7 +123,7 @@ def _parse(variable: str, text: str, default: Any) -> Any:
             return value in _TRUE
         valid = ", ".join(_TRUE + _FALSE)
     elif isinstance(default, int):
-        if value.isdigit() and int(value) >= 1:
+        if value.isascii() and value.isdigit() and int(value) >= 1:
             return int(value)
         valid = "an int >= 1"
     else:

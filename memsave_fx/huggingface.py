@@ -37,6 +37,7 @@ class MemsaveCallback(TrainerCallback):
     def __init__(self, **options: Any) -> None:
         memsave_options, inductor_options = MemsaveConfig.split_options(options)
         self.compiler: MemsaveBackend = backend(**memsave_options)
+        self.compiler.resolve(None, inductor_options)  # a misspelt option fails here, not at the first step
         self.inductor_options = inductor_options or None
         self._compiled: weakref.WeakSet[nn.Module] = weakref.WeakSet()
         self._checked = False

@@ -186,7 +186,10 @@ class MemoryPlan:
         header = "".join(f"{title:{w}}" for (title, _, _), w in zip(columns, widths))
         lines.append(f"  {header}{'baseline':>11}{'memsave':>11}  decision: reason")
         for i, t in enumerate(ordered):
-            cells = "".join(f"{_clip(column[i], w - 2):{w}}" for (_, column, _), w in zip(columns, widths))
+            cells = "".join(
+                f"{_clip(column[i], w - 2, from_left=title in ('name', 'module')):{w}}"
+                for (title, column, _), w in zip(columns, widths)
+            )
             lines.append(
                 f"  {cells}{_format_bytes(t.baseline_nbytes):>11}{_format_bytes(t.nbytes):>11}  "
                 f"{t.decision.value}: {t.reason}"
@@ -225,7 +228,7 @@ class MemoryPlan:
         over_time.legend(loc="upper right")
 
         top = list(self.by_module().items())[:modules]
-        names = [_clip(_display_name(module), 40) or "(model)" for module, _ in top][::-1]
+        names = [_clip(_display_name(module), 40, from_left=True) or "(model)" for module, _ in top][::-1]
         rows = range(len(names))
         baseline = [b / 2**20 for _, (_, b) in top][::-1]
         kept = [k / 2**20 for _, (k, _) in top][::-1]
@@ -252,7 +255,7 @@ def plan(model: nn.Module, *args: Any, options: dict[str, Any] | None = None, **
         raise TypeError(f"plan takes an nn.Module, got {type(model).__name__}")
     _refuse_sharded(model)
     backend = MemsaveBackend(generate_code=False)  # takes `options` through torch.compile, as compiling does
-    backend._resolve(None, options)  # bad options fail here, not wrapped in Dynamo's compile error
+    backend.resolve(None, options)  # bad options fail here, not wrapped in Dynamo's compile error
     compile_backend: Callable[..., Any] = backend
     if isinstance(model, nn.parallel.DistributedDataParallel):
         # The options go to the backend itself: the DDP optimizer passes none on.
@@ -559,7 +562,7 @@ def _step_axis(timeline: Timeline) -> tuple[list[float], list[int]]:
 
 def _row(label: str, baseline: int, kept: int, width: int = 24) -> str:
     ratio = f"{kept / baseline:.2f}x" if baseline else "-"
-    return f"{_clip(label, width - 2):{width}}{_format_bytes(baseline):>12}{_format_bytes(kept):>12}{ratio:>8}"
+    return f"{_clip(label, width - 2, from_left=True):{width}}{_format_bytes(baseline):>12}{_format_bytes(kept):>12}{ratio:>8}"
 
 
 def _format_bytes(n: int) -> str:
@@ -582,9 +585,11 @@ def _display_name(name: str) -> str:
     return name
 
 
-def _clip(text: str, width: int) -> str:
-    """`text`, cut from the left to `width` characters: the end of a dotted name tells it
-    from its neighbours ("…layers.0.mlp.down_proj")."""
-    return text if len(text) <= width else "…" + text[len(text) - width + 1 :]
+def _clip(text: str, width: int, *, from_left: bool = False) -> str:
+    """`text` cut to `width` characters, at its end or, `from_left`, at its start: the end of a
+    dotted name tells it from its neighbours ("…layers.0.mlp.down_proj")."""
+    if len(text) <= width:
+        return text
+    return "…" + text[len(text) - width + 1 :] if from_left else text[: width - 1] + "…"
 
 

@@ -39,7 +39,6 @@ class CompiledGraph:
     config: MemsaveConfig
     num_nodes: int
     inputs: tuple[GraphInput, ...] = ()
-    has_backward: bool = False
     from_cache: bool = False
     # The partitioned graphs, kept only when tracing without code generation (a plan):
     # code generation goes on to rewrite them in place.
@@ -47,12 +46,13 @@ class CompiledGraph:
     backward: fx.GraphModule | None = dataclasses.field(default=None, repr=False)
     _rewrites: list[Rewrite] | None = dataclasses.field(default=None, repr=False)
     _packed_masks: int = dataclasses.field(default=0, repr=False)
+    _has_backward: bool = dataclasses.field(default=False, repr=False)
     _retrace: Callable[[], Retrace | None] = dataclasses.field(default=lambda: None, repr=False)
 
     # Written while compiling, by the joint pass and the partitioner.
     def add_rewrites(self, rewrites: list[Rewrite], has_backward: bool) -> None:
         self._rewrites = (self._rewrites or []) + rewrites
-        self.has_backward |= has_backward
+        self._has_backward |= has_backward
 
     def add_packed_masks(self, count: int) -> None:
         self._packed_masks += count
@@ -68,6 +68,12 @@ class CompiledGraph:
         function was freed before the record was first read."""
         self._rederive()
         return self._rewrites
+
+    @property
+    def has_backward(self) -> bool:
+        """Whether the graph has a backward (False for an inference graph)."""
+        self._rederive()
+        return self._has_backward
 
     @property
     def packed_masks(self) -> int:
@@ -119,4 +125,4 @@ class CompiledGraph:
             return
         traced = self.retrace(True)
         self._rewrites, self._packed_masks = traced._rewrites or [], traced._packed_masks
-        self.has_backward = traced.has_backward
+        self._has_backward = traced._has_backward

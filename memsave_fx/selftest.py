@@ -23,6 +23,7 @@ import contextlib
 import copy
 import dataclasses
 import math
+import os
 import platform
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -34,10 +35,14 @@ from torch import nn
 import memsave_fx
 
 from . import _compat
+from .backend import MemsaveBackend
+from .config import MemsaveConfig, environment_options
 
 # Errors are judged against the largest entry of the reference gradients (as in the tests).
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 1e-2}
 SEED = 0
+# The exact defaults, whatever MEMSAVE_<OPTION> variables say: the cases check what they do.
+DEFAULTS = {name: getattr(MemsaveConfig(), name) for name in MemsaveConfig.option_names()}
 
 Inputs = list[torch.Tensor]
 
@@ -249,6 +254,8 @@ def run_selftest(device: str = "cpu", out: Callable[[str], None] = print) -> Sel
     missing = _compat.check_internals()
     for name, message in missing.items():
         out(f"missing torch internal {name}: {message}")
+    if set_in_environment := sorted(environment_options(os.environ)):
+        out(f"checking memsave's defaults; ignored here: the options {', '.join(set_in_environment)} set by MEMSAVE_ variables")
     columns = _columns(measure_peak)
     out(_row(columns, {c: c for c, _ in columns}))
     results = []
@@ -282,13 +289,13 @@ def _run_case(case: Case, device: torch.device, measure_peak: bool, result: Case
     torch.compiler.reset()
     inductor = _step(copy.deepcopy(model), inputs, "inductor", case.options, measure_peak)
     torch.compiler.reset()
-    backend = memsave_fx.backend()
+    backend = MemsaveBackend(DEFAULTS)
     memsave = _step(copy.deepcopy(model), inputs, backend, case.options, measure_peak)
     torch.compiler.reset()
     graphs = backend.compiled
     result.rewrites = sorted({r.pass_name for graph in graphs for r in graph.rewrites or () if r.applied})
     result.packed_masks = sum(graph.packed_masks for graph in graphs)
-    plan = memsave_fx.plan(model, *inputs)
+    plan = memsave_fx.plan(model, *inputs, options=DEFAULTS | (case.options or {}))
 
     reference = {"eager": eager, "inductor": inductor}[result.reference]
     result.grad_error, worst = _grad_error(memsave.grads, reference.grads)

@@ -71,3 +71,32 @@ def test_a_renamed_partitioner_tag_is_an_error(monkeypatch):
     monkeypatch.setattr(partitioners, "_has_tag_must_be_in_backward", lambda n: n.meta.get("partitioner_tag") == "renamed")
     with pytest.raises(_compat.TorchInternalsError, match="no longer reads the node tag"):
         _compat.tag_for_backward(node)
+
+
+def test_an_inductor_wrapper_that_takes_no_patches_compiles_through_compile_fx():
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    class RecordingPass(CustomGraphPass):
+        calls = 0
+
+        def __call__(self, graph):
+            RecordingPass.calls += 1
+
+        def uuid(self):
+            return "recording-pass-test"
+
+    class OldWrapper:  # torch < 2.13: __call__(model_, inputs_), no config_patches
+        config = {"epilogue_fusion": False}
+
+        def __call__(self, model_, inputs_):
+            raise AssertionError("the patches would be lost")
+
+    def backend(gm, inputs):
+        return _compat.compile_with_inductor(OldWrapper(), gm, inputs, {"joint_custom_pre_pass": RecordingPass()})
+
+    x = torch.randn(4, 4, requires_grad=True)
+    with torch._functorch.config.patch(enable_autograd_cache=False):
+        out = torch.compile(lambda t: (t.sin() * 2).sum(), backend=backend)(x)
+    out.backward()
+    assert RecordingPass.calls == 1
+    torch.testing.assert_close(x.grad, 2 * x.detach().cos())

@@ -1,11 +1,15 @@
 """MemsaveConfig: options from MEMSAVE_<OPTION> environment variables, under explicit options."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
 
 import memsave_fx
-from memsave_fx.backend import memsave_backend
+from memsave_fx.backend import MemsaveBackend, memsave_backend
 from memsave_fx.config import MemsaveConfig, environment_options
 
 
@@ -18,6 +22,7 @@ from memsave_fx.config import MemsaveConfig, environment_options
         ({"MEMSAVE_EXACT_COMPRESSION": " 0 "}, {"exact_compression": False}),
         ({"MEMSAVE_COMPILER": "EAGER"}, {"compiler": "eager"}),
         ({"MEMSAVE_POOL_ACTIVATIONS": "2"}, {"pool_activations": 2}),
+        ({"MEMSAVE_SHARE_NORMS": "", "MEMSAVE_COMPILER": " "}, {}),  # set to nothing: unset
         # Not memsave options: the test suite's own switch, and other programs' variables.
         ({"MEMSAVE_FUZZ": "nightly", "TORCHINDUCTOR_SHARE_NORMS": "1", "memsave_share_norms": "1"}, {}),
     ],
@@ -36,6 +41,7 @@ def test_variables_are_parsed(environ, expected):
         ({"MEMSAVE_COMPILER": "cuda"}, "MEMSAVE_COMPILER='cuda' is invalid; valid values: inductor, eager"),
         ({"MEMSAVE_POOL_ACTIVATIONS": "0"}, "MEMSAVE_POOL_ACTIVATIONS='0' is invalid; valid values: an int >= 1"),
         ({"MEMSAVE_POOL_ACTIVATIONS": "two"}, "valid values: an int >= 1"),
+        ({"MEMSAVE_POOL_ACTIVATIONS": "²"}, "MEMSAVE_POOL_ACTIVATIONS='²' is invalid"),
         ({"MEMSAVE_SHARE_NORM": "1"}, "MEMSAVE_SHARE_NORM is not a memsave option; did you mean MEMSAVE_SHARE_NORMS?"),
     ],
 )
@@ -49,6 +55,25 @@ def test_explicit_options_win_over_the_environment():
     config = MemsaveConfig.from_options({"share_norms": False}, environ)
     assert (config.share_norms, config.approx_activations) == (False, True)
     assert config.from_environment == ("approx_activations",)
+
+
+def test_an_explicit_option_ignores_its_variable_even_when_bad():
+    config = MemsaveConfig.from_options({"share_norms": True}, {"MEMSAVE_SHARE_NORMS": "maybe"})
+    assert config.share_norms and not config.from_environment
+
+
+def test_a_config_object_is_every_option_given(monkeypatch):
+    monkeypatch.setenv("MEMSAVE_SHARE_NORMS", "1")
+    assert MemsaveBackend(MemsaveConfig(approx_activations=True)).config == MemsaveConfig(approx_activations=True)
+
+
+def test_a_bad_variable_does_not_break_the_import():
+    # The "memsave" backend is made at import; the variable is read, and refused, at compile.
+    code = "from memsave_fx.backend import memsave_backend; print(memsave_backend)"
+    environment = {**os.environ, "MEMSAVE_SHARE_NORM": "1"}
+    result = subprocess.run([sys.executable, "-c", code], env=environment, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "MemsaveBackend({})" in result.stdout
 
 
 def test_where_options_came_from_is_no_part_of_their_identity():
@@ -96,12 +121,14 @@ def test_a_backend_object_takes_its_own_options_then_the_environment(monkeypatch
     model, x = model_and_input()
     step(torch.compile(model, backend=backend), x)
     assert backend.compiled[0].config == MemsaveConfig(share_norms=True, exact_compression=False)
+    assert backend.compiled[0].config.from_environment == ("exact_compression",)
 
 
 def test_a_bad_variable_fails_the_compile_naming_it(monkeypatch):
     monkeypatch.setenv("MEMSAVE_SHARE_NORMS", "maybe")
+    backend = memsave_fx.backend()  # read at each compile, not here
     with pytest.raises(ValueError, match="MEMSAVE_SHARE_NORMS='maybe' is invalid"):
-        memsave_fx.backend()
+        backend.config
     model, x = model_and_input()
     with pytest.raises(Exception, match="MEMSAVE_SHARE_NORMS='maybe' is invalid"):
         step(torch.compile(model, backend="memsave"), x)

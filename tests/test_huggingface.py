@@ -157,6 +157,11 @@ def test_the_callback_refuses_the_trainers_own_compile(tmp_path):
         Trainer(model=tiny_llama(), args=args, callbacks=[MemsaveCallback()])
 
 
+def test_the_callback_refuses_a_misspelt_option():
+    with pytest.raises(ValueError, match="did you mean memsave's 'share_norms'"):
+        MemsaveCallback(share_norm=True)
+
+
 def test_the_callback_warns_when_nothing_was_compiled():
     # A bare nn.Sequential: its forward is torch's own code, which Dynamo runs eagerly.
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 1))

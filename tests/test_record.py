@@ -94,6 +94,7 @@ def test_a_record_served_from_cache_says_what_the_graph_does(autograd_cache_on):
     (second,) = warm.compiled
     assert not first.from_cache and second.from_cache
     assert not second.traced  # nothing re-derived until read
+    assert second.has_backward and second.traced  # reading any of what the passes record re-derives it
     assert second.rewrites == first.rewrites and any(r.applied for r in second.rewrites)
     assert second.packed_masks == first.packed_masks > 0
     assert second.released == first.released and second.has_backward

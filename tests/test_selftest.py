@@ -39,9 +39,19 @@ def test_prints_a_row_and_the_rewrites_per_case(cpu_run):
         assert all(name in rewrites for name in case.rewrites)
 
 
+# Opt-in passes, and the one that applies only with compiler="eager" (Inductor's decompositions
+# already do what it does): every other pass is an exact rewrite the selftest must cover.
+NOT_COVERED = {
+    "pool_convolution_inputs", "approximate_activation_backward", "share_normalized_output",
+    "replace_eval_batch_norm_backward",
+}  # fmt: skip
+
+
 def test_every_exact_rewrite_is_covered():
+    from memsave_fx.passes import PASSES
+
     covered = set().union(*(case.rewrites for case in selftest.CASES))
-    assert covered == {"replace_frozen_convolution_backward", "replace_shape_only_reads", "flatten_saved_conv_inputs"}
+    assert covered == {p.__name__ for p in PASSES} - NOT_COVERED
     assert any(case.packs_masks for case in selftest.CASES)
     assert any(case.random for case in selftest.CASES)
 
@@ -115,6 +125,14 @@ def test_a_missing_torch_internal_fails(monkeypatch, capsys):
     assert code == 1
     assert "missing torch internal vanished: memsave_fx needs torch._inductor.compile_fx.no_such_function" in out
     assert out.splitlines()[-1] == "FAILED: torch internals"
+
+
+def test_checks_the_defaults_whatever_the_environment_says(monkeypatch, capsys):
+    monkeypatch.setenv("MEMSAVE_EXACT_COMPRESSION", "0")
+    case = selftest.Case("masks", selftest.dropout_relu, "masks packed", random=True, packs_masks=True)
+    code, out = run_cases(monkeypatch, capsys, case)
+    assert code == 0, out
+    assert "ignored here: the options exact_compression set by MEMSAVE_ variables" in out
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available")
