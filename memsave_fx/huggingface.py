@@ -60,8 +60,8 @@ class MemsaveCallback(TrainerCallback):
         if not any(graph.has_backward for graph in self.compiler.compiled):
             warnings.warn(
                 f"MemsaveCallback: a training step of {type(model).__name__} compiled no graph with a backward, so "
-                "memsave changed nothing: Dynamo ran the model eagerly (a model whose forward is torch's own code, "
-                "such as a bare nn.Sequential, or a graph break at its start; TORCH_LOGS=graph_breaks says which)",
+                "memsave changed nothing: Dynamo ran the model eagerly (a forward Dynamo skips, such as a bare "
+                "nn.Sequential on torch 2.13 and older, or a graph break at its start; TORCH_LOGS=graph_breaks says which)",
                 stacklevel=2,
             )
 
