@@ -17,6 +17,7 @@ from .approximate_activation_backward import approximate_activation_backward
 from .base import Rewrite, RewritePass
 from .flatten_saved_conv_inputs import flatten_saved_conv_inputs
 from .pool_convolution_inputs import pool_convolution_inputs
+from .rebuild_pointwise_reads import rebuild_pointwise_reads
 from .replace_eval_batch_norm_backward import replace_eval_batch_norm_backward
 from .replace_frozen_convolution_backward import replace_frozen_convolution_backward
 from .replace_shape_only_reads import replace_shape_only_reads
@@ -32,6 +33,8 @@ PASSES: tuple[RewritePass, ...] = (
     replace_shape_only_reads,
     pool_convolution_inputs,  # opt-in: lossy
     approximate_activation_backward,  # opt-in: lossy
+    # Before the norms': the values it rebuilds read a norm's output in the backward.
+    rebuild_pointwise_reads,
     share_normalized_output,  # opt-in: exact up to rounding
     # Last: the rewrites above decide which graph inputs the backward still reads.
     flatten_saved_conv_inputs,
