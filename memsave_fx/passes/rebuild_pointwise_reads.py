@@ -183,7 +183,8 @@ def _worth_rebuilding(
         for candidate in accepted:
             share = sum(_source_bytes(s, mask_bits) / sharing[s] for s in candidate.sources)
             if share >= candidate.nbytes:
-                costly.append((candidate, f"its sources ({_describe(candidate.sources)}) take {share:.0f} bytes against its {candidate.nbytes}: nothing to save"))
+                sources = _describe(candidate.sources, mask_bits)
+                costly.append((candidate, f"rebuilding it from {sources} keeps {share:.0f} bytes for its {candidate.nbytes}: nothing to save"))
         if not costly:
             return accepted, declined
         declined.extend(costly)
@@ -211,27 +212,20 @@ def _dtype(node: fx.Node) -> str:
     return str(node.meta["val"].dtype).removeprefix("torch.")
 
 
-def _describe(sources: tuple[fx.Node, ...]) -> str:
-    return ", ".join(
-        f"the 1-bit mask {s.name}" if s.meta["val"].dtype == torch.bool else f"{s.name} ({_dtype(s)})" for s in sources
-    )
-
-
-def _what(candidate: _Candidate) -> str:
-    widens = any(op.target is prims.convert_element_type.default for op in candidate.ops)
-    masked = any(s.meta["val"].dtype == torch.bool for s in candidate.sources)
-    kind = "dropout output" if masked else "copy"
-    return f"{_dtype(candidate.base)} {kind}{' of a widened value' if widens and masked else ''}"
+def _describe(sources: tuple[fx.Node, ...], mask_bits: int = _BYTE) -> str:
+    """"mul_9 (bfloat16) and the 1-bit mask gt_3": values first, masks after."""
+    values = [f"{s.name} ({_dtype(s)})" for s in sources if s.meta["val"].dtype != torch.bool]
+    mask = "the 1-bit mask" if mask_bits == 1 else "the boolean mask"
+    masks = [f"{mask} {s.name}" for s in sources if s.meta["val"].dtype == torch.bool]
+    return " and ".join(filter(None, (", ".join(values), ", ".join(masks))))
 
 
 def _applied(candidate: _Candidate, mask_bits: int) -> Rewrite:
+    widens = any(op.target is prims.convert_element_type.default for op in candidate.ops)
+    masked = any(s.meta["val"].dtype == torch.bool for s in candidate.sources)
+    what = f"{_dtype(candidate.base)} {'dropout output' if masked else 'copy'}{' of a widened value' if widens and masked else ''}"
+    reason = f"{what} rebuilt in the backward from {_describe(candidate.sources, mask_bits)}"
     released = tuple(dict.fromkeys(n.name for n in (candidate.base, candidate.value)))
-    masks = [s for s in candidate.sources if s.meta["val"].dtype == torch.bool]
-    packed = f"; its mask kept at {mask_bits} bit{'s' * (mask_bits > 1)} per element" if masks else ""
-    reason = (
-        f"{candidate.base.name}: {_what(candidate)} rebuilt in the backward from "
-        f"{_describe(candidate.sources)}{packed}"
-    )
     return Rewrite(rebuild_pointwise_reads.__name__, candidate.value.name, released, True, reason)
 
 

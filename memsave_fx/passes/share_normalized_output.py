@@ -22,17 +22,15 @@ fewer bytes of the norm's values.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import operator
 
 import torch
 import torch.fx as fx
 
-from ..analysis import IS_BACKWARD, IS_FORWARD, SAVED_AS, Decision, SavedAs
-from .. import _compat
+from ..analysis import IS_FORWARD, SAVED_AS, Decision, SavedAs
 from ..config import MemsaveConfig
-from .base import Rewrite, insert_call
+from .base import BackwardCopier, Rewrite, insert_call, is_view, materialises
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -215,24 +213,11 @@ def _stock_keeps(norm: _Norm, reads: list[tuple[fx.Node, fx.Node]], kept: set[fx
             value = value.args[0]
         return value
 
-    materialised = {base(v) for reader, v in reads if _materialises(reader)}
+    materialised = {base(v) for reader, v in reads if materialises(reader)}
     available = [position[v] for v in materialised | kept if v in position]
     first_available = min(available, default=len(chain))
-    earlier = [base(v) for reader, v in reads if not _materialises(reader) and position[base(v)] < first_available]
+    earlier = [base(v) for reader, v in reads if not materialises(reader) and position[base(v)] < first_available]
     return materialised | ({min(earlier, key=position.__getitem__)} if earlier else set())
-
-
-def _materialises(reader: fx.Node) -> bool:
-    """Whether `reader`, or an op reading it through views, is one the partitioner cannot
-    fuse with a recomputation of its input (a matmul, a convolution, attention)."""
-    if _is_view(reader):
-        return any(_materialises(user) for user in reader.users)
-    return reader.op == "call_function" and not _op_types().is_fusible(reader)
-
-
-@functools.cache
-def _op_types() -> _compat.OpTypes:
-    return _compat.get_default_op_list()
 
 
 def _duplicates(graph: fx.Graph, values: tuple[fx.Node, ...]) -> dict[fx.Node, fx.Node]:
@@ -286,14 +271,10 @@ def _with_views(values: tuple[fx.Node, ...]) -> set[fx.Node]:
     frontier = list(values)
     while frontier:
         for user in frontier.pop().users:
-            if _is_view(user) and user.meta[IS_FORWARD] and user not in found:
+            if is_view(user) and user.meta[IS_FORWARD] and user not in found:
                 found.add(user)
                 frontier.append(user)
     return found
-
-
-def _is_view(node: fx.Node) -> bool:
-    return node.op == "call_function" and getattr(node.target, "is_view", False)
 
 
 def _bytes(values: set[fx.Node]) -> int:
@@ -334,7 +315,7 @@ class _Rebuilder:
     """Forward values of the norm, computed in the backward from the shared x̂ and rstd."""
 
     def __init__(self, graph: fx.Graph, norm: _Norm, shared: fx.Node, rebuildable: set[fx.Node]) -> None:
-        self.graph = graph
+        self.copier = BackwardCopier(graph)
         self.norm = norm
         self.shared = shared
         self.rebuildable = rebuildable
@@ -346,27 +327,15 @@ class _Rebuilder:
         return self.built[value]
 
     def _build(self, value: fx.Node, before: fx.Node) -> fx.Node:
-        norm = self.norm
+        norm, call = self.norm, self.copier.call
         if value is norm.centered:  # centered = x̂ / rstd
             normalized = self(norm.normalized, before=before)
-            quotient = self._call(aten.div.Tensor, (normalized, norm.rstd), like=value, before=before)
+            quotient = call(aten.div.Tensor, (normalized, norm.rstd), like=value, before=before)
             if quotient.meta["val"].dtype == value.meta["val"].dtype:
                 return quotient
-            return self._call(prims.convert_element_type.default, (quotient, value.meta["val"].dtype), like=value, before=before)
+            return call(prims.convert_element_type.default, (quotient, value.meta["val"].dtype), like=value, before=before)
         if value is norm.normalized:  # the shared x̂ is a cast of it
-            cast = (self.shared, value.meta["val"].dtype)
-            return self._call(prims.convert_element_type.default, cast, like=value, before=before)
+            return call(prims.convert_element_type.default, (self.shared, value.meta["val"].dtype), like=value, before=before)
         # An affine step or a view: the forward's own op, on rebuilt inputs.
         args = fx.node.map_arg(value.args, lambda a: self(a, before=before) if a in self.rebuildable else a)
-        if args == value.args and not _is_view(value):
-            # Reading the very values the forward's op reads, it would be merged into that op by
-            # the partitioner's CSE and kept; swapped operands (the op commutes) keep it apart.
-            args = (args[1], args[0])
-        return self._call(value.target, args, value.kwargs, like=value, before=before)
-
-    def _call(self, target, args, kwargs=None, *, like: fx.Node, before: fx.Node) -> fx.Node:
-        node = insert_call(self.graph, target, args, kwargs, like=like, before=before)
-        _compat.tag_for_backward(node)
-        node.meta[IS_BACKWARD] = True
-        node.meta[IS_FORWARD] = False
-        return node
+        return self.copier.copy(value, args, value.kwargs, reads_apart=args != value.args, before=before)

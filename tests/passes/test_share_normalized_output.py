@@ -90,7 +90,11 @@ def test_gradients_match_eager_and_the_output_is_kept_once(norm, trainable):
     backend = memsave_fx.backend(share_norms=True)
     saved, _ = assert_grads_match(model, inputs, backend)
     applied = [r.applied for r in share_rewrites(backend)]
-    assert applied == [trainable in SHARES], [r.reason for r in share_rewrites(backend)]
+    # Where the output is an fp32 product of values the norm's backward keeps anyway
+    # (nn.RMSNorm in fp32), the exact rebuild pass has rebuilt it first: nothing is left to share.
+    rebuilt = [r for c in backend.compiled for r in c.rewrites if r.pass_name == "rebuild_pointwise_reads" and r.applied]
+    expected = [False] if rebuilt else [trainable in SHARES]
+    assert applied == expected, [r.reason for r in share_rewrites(backend)]
     stock = saved_bytes_of(copy.deepcopy(model), inputs, "inductor")
     if trainable in SHARES:
         output_bytes = inputs[0].numel() * 4
@@ -157,7 +161,10 @@ def test_plan_shows_the_output_dropped_and_why(norm):
     model.frozen.requires_grad_(False)
     plan = memsave_fx.plan(model, torch.randn(4, 6, 16), options={"share_norms": True})
     (dropped,) = [t for t in plan.tensors if t.decision is Decision.DROPPED]
-    assert dropped.baseline_nbytes == 4 * 6 * 16 * 4 and "rebuilt from them in the backward" in dropped.reason
+    assert dropped.baseline_nbytes == 4 * 6 * 16 * 4
+    # An fp32 RMSNorm's output is an fp32 product of values its backward keeps: the exact
+    # rebuild pass rebuilds it before the norms are shared.
+    assert "rebuilt from them in the backward" in dropped.reason or "rebuilt in the backward from" in dropped.reason
     # Here the partitioner keeps the residual's summands (one of them a matmul's output,
     # which it prefers) and recomputes x̂; transformers' residual streams keep x̂ itself,
     # marked shared (tests/test_lora.py).
