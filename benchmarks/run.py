@@ -9,6 +9,9 @@ CNN. One row per model, case and backend:
 - peak_bytes: torch.cuda.max_memory_allocated over forward and backward on CUDA; on CPU the
   memory plan's estimate for the compiled backends, marked `peak_is_estimate` (not with
   --quick, which leaves it null), else null;
+- rss_peak_bytes (CPU, run under MALLOC_MMAP_THRESHOLD_=65536, so that freed tensors leave the
+  resident set; else null): the resident-set high-water mark over one forward and backward,
+  reset through /proc/self/clear_refs, less the resident set before the step;
 - step_ms: the median of interleaved steps; compile_s: the first step minus a median step;
 - grad_error: the largest gradient difference, relative to the largest gradient, and
   grad_cosine: the cosine similarity of all gradients together; against stock Inductor for the
@@ -18,6 +21,7 @@ CNN. One row per model, case and backend:
     python benchmarks/run.py --quick --json results.json     # a subset, minutes on a laptop CPU
     python benchmarks/run.py                                 # the full matrix
     python benchmarks/run.py --models cnn resnet --cases all bitfit --backends inductor memsave
+    MALLOC_MMAP_THRESHOLD_=65536 python benchmarks/run.py --cases lora_bf16 --backends eager inductor memsave
 
 It writes `results.md` and `results.png` to --results-dir (default: benchmarks/results/).
 """
@@ -27,7 +31,9 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import gc
 import json
+import os
 import statistics
 import sys
 import time
@@ -42,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import memsave_fx  # noqa: E402
 from benchmarks.bench_backends import interleaved_steps, loss_of, synchronize  # noqa: E402
-from benchmarks.workloads import LastHiddenState, PooledOutput  # noqa: E402
+from benchmarks.workloads import CausalLMLoss, LastHiddenState, PooledOutput  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LOSSY = {"approx_activations": True, "share_norms": True, "pool_activations": 2}
@@ -94,14 +100,42 @@ def llama(batch: int) -> tuple[nn.Module, list[torch.Tensor]]:
     return LastHiddenState(LlamaModel(config)), [_tokens(batch, config.vocab_size)]
 
 
+def mistral(batch: int) -> tuple[nn.Module, list[torch.Tensor]]:
+    from transformers import MistralConfig, MistralModel
+
+    config = MistralConfig(
+        hidden_size=128, intermediate_size=448, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=512, max_position_embeddings=64, sliding_window=None,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return LastHiddenState(MistralModel(config)), [_tokens(batch, config.vocab_size)]
+
+
+def llama_lm(batch: int) -> tuple[nn.Module, list[torch.Tensor]]:
+    """The Llama above with its language-modelling head and loss: the logits included."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=128, intermediate_size=344, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=4, vocab_size=512, max_position_embeddings=64,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    tokens = _tokens(batch, config.vocab_size)
+    return CausalLMLoss(LlamaForCausalLM(config)), [tokens, tokens.clone()]
+
+
 def _tokens(batch: int, vocab: int) -> torch.Tensor:
     return torch.randint(0, vocab, (batch, 64), generator=torch.Generator().manual_seed(0))
 
 
 MODELS: dict[str, Callable[[int], tuple[nn.Module, list[torch.Tensor]]]] = {
-    "cnn": plain_cnn, "resnet": resnet, "vit": vit, "bert": bert, "llama": llama,
+    "cnn": plain_cnn, "resnet": resnet, "vit": vit, "bert": bert, "llama": llama, "mistral": mistral, "llama_lm": llama_lm,
 }  # fmt: skip
-LORA_TARGETS = {"vit": ["q_proj", "v_proj"], "bert": ["query", "value"], "llama": ["q_proj", "v_proj"]}
+LORA_TARGETS = {
+    "vit": ["q_proj", "v_proj"], "bert": ["query", "value"], "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"], "llama_lm": ["q_proj", "v_proj"],
+}  # fmt: skip
+LLMS = {"llama", "mistral", "llama_lm"}  # the transformer language models, which the plain cases leave out
 HAS_BATCH_NORM = {"resnet"}
 HAS_NO_NORMS = {"cnn"}
 
@@ -116,6 +150,9 @@ class Case:
     input_grad: bool = False
     lora: bool = False
     bn_eval: bool = False
+    # LoRA as most fine-tuning runs it: the model's weights in bf16 and peft's defaults (fp32
+    # adapters), with dropout 0.05 on every linear layer.
+    low_precision_lora: bool = False
 
 
 def _is_norm(name: str) -> bool:
@@ -130,6 +167,10 @@ CASES = {
     "surgical_first": Case("surgical_first", "the first quarter of the layers", lambda n, i, count: i < count / 4),
     "surgical_last": Case("surgical_last", "the last quarter of the layers", lambda n, i, count: i >= 3 * count / 4),
     "lora": Case("lora", "peft LoRA (rank 8) on the attention queries and values", lambda n, i, count: False, lora=True),
+    "lora_bf16": Case(
+        "lora_bf16", "bf16 weights, peft LoRA (rank 8, fp32 adapters, dropout 0.05) on every linear layer",
+        lambda n, i, count: False, lora=True, low_precision_lora=True,
+    ),
     "all_bn_eval": Case("all_bn_eval", "all parameters trainable, BatchNorm in eval mode", lambda n, i, count: True, bn_eval=True),
 }
 QUICK = {
@@ -146,6 +187,8 @@ BACKENDS = ("eager", "inductor", "memsave", "memsave_lossy", "convert")
 def applies(model: str, case: Case) -> bool:
     if case.lora:
         return model in LORA_TARGETS
+    if model in ("mistral", "llama_lm"):
+        return False  # LoRA rows only
     if case.bn_eval:
         return model in HAS_BATCH_NORM
     if case.input_grad:
@@ -155,7 +198,12 @@ def applies(model: str, case: Case) -> bool:
 
 def prepare(name: str, case: Case, batch: int) -> tuple[nn.Module, list[torch.Tensor]]:
     model, inputs = MODELS[name](batch)
-    if case.lora:
+    if case.low_precision_lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model.to(torch.bfloat16), LoraConfig(r=8, target_modules="all-linear", lora_dropout=0.05))
+        inputs = [x.to(torch.bfloat16) if x.is_floating_point() else x for x in inputs]
+    elif case.lora:
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(model, LoraConfig(r=8, target_modules=LORA_TARGETS[name]))
@@ -208,6 +256,7 @@ def measure(
             x.grad = None
         runs[backend] = {"fn": fn, "model": replica, "target": target, "saved": saved, "first": first_step, "grads": grads}
     times, peaks = interleaved_steps(runs, inputs, steps, device)
+    rss_peaks = {backend: _rss_peak(run, inputs) for backend, run in runs.items()} if _measures_rss(device) else {}
     for x in inputs:
         x.grad = None
 
@@ -222,13 +271,37 @@ def measure(
         rows.append({
             "model": name, "case": case.name, "backend": backend, "device": device, "batch": batch,
             "saved_bytes": run["saved"],
-            "peak_bytes": peak, "peak_is_estimate": estimate,
+            "peak_bytes": peak, "peak_is_estimate": estimate, "rss_peak_bytes": rss_peaks.get(backend),
             "step_ms": step * 1e3,
             "compile_s": max(run["first"] - step, 0.0) if backend not in ("eager", "convert") else 0.0,
             "grad_error": _relative_error(run["grads"], reference["grads"]) if reference is not None else None,
             "grad_cosine": _cosine(run["grads"], reference["grads"]) if reference is not None else None,
         })  # fmt: skip
     return rows
+
+
+def _measures_rss(device: str) -> bool:
+    """Whether the resident set's peak measures a CPU step: only with small allocations' memory
+    returned to the system on free (glibc keeps freed heap memory otherwise)."""
+    return device == "cpu" and os.environ.get("MALLOC_MMAP_THRESHOLD_") == "65536" and Path("/proc/self/clear_refs").exists()
+
+
+def _rss_peak(run: dict, inputs: list[torch.Tensor]) -> int:
+    """The resident-set high-water mark over one forward and backward, less the resident set
+    before it."""
+    run["model"].zero_grad(set_to_none=True)
+    gc.collect()
+    before = _status_bytes("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the resident set now
+    loss_of(run["fn"](*inputs), run["target"]).backward()
+    return _status_bytes("VmHWM") - before
+
+
+def _status_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) * 1024  # in kB
+    raise KeyError(field)
 
 
 def _estimated_peaks(backends: list[str], model: nn.Module, inputs: list[torch.Tensor]) -> dict[str, int]:
@@ -257,8 +330,8 @@ def markdown(rows: list[dict]) -> str:
     """One table row per model, case and backend, with saved bytes relative to eager."""
     eager = {(r["model"], r["case"]): r["saved_bytes"] for r in rows if r["backend"] == "eager"}
     lines = [
-        "| model | case | backend | saved MiB | vs eager | peak MiB | step ms | compile s | grad error | grad cosine |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | case | backend | saved MiB | vs eager | peak MiB | RSS peak MiB | step ms | compile s | grad error | grad cosine |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         base = eager.get((r["model"], r["case"]))
@@ -266,8 +339,9 @@ def markdown(rows: list[dict]) -> str:
         peak = "-" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**20:.1f}{' (est.)' if r['peak_is_estimate'] else ''}"
         error = "-" if r["grad_error"] is None else f"{r['grad_error']:.1e}"
         cosine = "-" if r["grad_cosine"] is None else f"{r['grad_cosine']:.4f}"
+        rss = "-" if r.get("rss_peak_bytes") is None else f"{r['rss_peak_bytes'] / 2**20:.1f}"
         lines.append(
-            f"| {r['model']} | {r['case']} | {r['backend']} | {r['saved_bytes'] / 2**20:.2f} | {ratio} | {peak} "
+            f"| {r['model']} | {r['case']} | {r['backend']} | {r['saved_bytes'] / 2**20:.2f} | {ratio} | {peak} | {rss} "
             f"| {r['step_ms']:.1f} | {r['compile_s']:.1f} | {error} | {cosine} |"
         )
     return "\n".join(lines) + "\n"
@@ -329,7 +403,7 @@ def main() -> None:
     rows: list[dict] = []
     failures: list[str] = []
     for name in args.models:
-        cases = args.cases or (QUICK[name] if args.quick else list(CASES))
+        cases = args.cases or (QUICK.get(name, []) if args.quick else list(CASES))
         for case in (CASES[c] for c in cases):
             if not applies(name, case):
                 continue
