@@ -90,14 +90,20 @@ def bert(batch: int) -> tuple[nn.Module, list[torch.Tensor]]:
 
 
 def llama(batch: int) -> tuple[nn.Module, list[torch.Tensor]]:
-    from transformers import LlamaConfig, LlamaModel
+    from transformers import LlamaModel
 
-    config = LlamaConfig(
+    config = _llama_config()
+    torch.manual_seed(0)
+    return LastHiddenState(LlamaModel(config)), [_tokens(batch, config.vocab_size)]
+
+
+def _llama_config():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
         hidden_size=128, intermediate_size=344, num_hidden_layers=4, num_attention_heads=4,
         num_key_value_heads=4, vocab_size=512, max_position_embeddings=64,
     )  # fmt: skip
-    torch.manual_seed(0)
-    return LastHiddenState(LlamaModel(config)), [_tokens(batch, config.vocab_size)]
 
 
 def mistral(batch: int) -> tuple[nn.Module, list[torch.Tensor]]:
@@ -113,12 +119,9 @@ def mistral(batch: int) -> tuple[nn.Module, list[torch.Tensor]]:
 
 def llama_lm(batch: int) -> tuple[nn.Module, list[torch.Tensor]]:
     """The Llama above with its language-modelling head and loss: the logits included."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    config = LlamaConfig(
-        hidden_size=128, intermediate_size=344, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=4, vocab_size=512, max_position_embeddings=64,
-    )  # fmt: skip
+    config = _llama_config()
     torch.manual_seed(0)
     tokens = _tokens(batch, config.vocab_size)
     return CausalLMLoss(LlamaForCausalLM(config)), [tokens, tokens.clone()]
@@ -135,7 +138,7 @@ LORA_TARGETS = {
     "vit": ["q_proj", "v_proj"], "bert": ["query", "value"], "llama": ["q_proj", "v_proj"],
     "mistral": ["q_proj", "v_proj"], "llama_lm": ["q_proj", "v_proj"],
 }  # fmt: skip
-LLMS = {"llama", "mistral", "llama_lm"}  # the transformer language models, which the plain cases leave out
+LORA_ONLY = {"mistral", "llama_lm"}  # models benchmarked only under LoRA
 HAS_BATCH_NORM = {"resnet"}
 HAS_NO_NORMS = {"cnn"}
 
@@ -187,8 +190,8 @@ BACKENDS = ("eager", "inductor", "memsave", "memsave_lossy", "convert")
 def applies(model: str, case: Case) -> bool:
     if case.lora:
         return model in LORA_TARGETS
-    if model in ("mistral", "llama_lm"):
-        return False  # LoRA rows only
+    if model in LORA_ONLY:
+        return False
     if case.bn_eval:
         return model in HAS_BATCH_NORM
     if case.input_grad:
@@ -198,15 +201,16 @@ def applies(model: str, case: Case) -> bool:
 
 def prepare(name: str, case: Case, batch: int) -> tuple[nn.Module, list[torch.Tensor]]:
     model, inputs = MODELS[name](batch)
-    if case.low_precision_lora:
+    if case.lora:
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model.to(torch.bfloat16), LoraConfig(r=8, target_modules="all-linear", lora_dropout=0.05))
-        inputs = [x.to(torch.bfloat16) if x.is_floating_point() else x for x in inputs]
-    elif case.lora:
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(model, LoraConfig(r=8, target_modules=LORA_TARGETS[name]))
+        if case.low_precision_lora:
+            model = model.to(torch.bfloat16)
+            inputs = [x.to(torch.bfloat16) if x.is_floating_point() else x for x in inputs]
+            lora = LoraConfig(r=8, target_modules="all-linear", lora_dropout=0.05)
+        else:
+            lora = LoraConfig(r=8, target_modules=LORA_TARGETS[name])
+        model = get_peft_model(model, lora)
     else:
         # A layer is a module with parameters of its own, in the order the model registers them.
         layers = list(dict.fromkeys(n.rpartition(".")[0] for n, _ in model.named_parameters()))

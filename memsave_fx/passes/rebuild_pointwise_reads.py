@@ -66,12 +66,13 @@ def rebuild_pointwise_reads(graph: fx.Graph, config: MemsaveConfig) -> list[Rewr
     copier = BackwardCopier(graph)
     order = {node: i for i, node in enumerate(graph.nodes)}
     for candidate in accepted:
-        if not _stays_apart(candidate):
+        reads_apart = _reads_apart(candidate)
+        if not _stays_apart(candidate, reads_apart):
             reason = "its rebuild would read the forward's own inputs with the forward's own ops, and merge back into the forward"
             rewrites.append(_declined(candidate, reason))
             continue
         readers = [r for r in candidate.value.users if r.meta[IS_BACKWARD]]
-        rebuilt = _rebuild(copier, candidate, before=min(readers, key=order.__getitem__))
+        rebuilt = _rebuild(copier, candidate, reads_apart, before=min(readers, key=order.__getitem__))
         for reader in readers:
             reader.replace_input_with(candidate.value, rebuilt)
         rewrites.append(_applied(candidate, mask_bits))
@@ -80,27 +81,28 @@ def rebuild_pointwise_reads(graph: fx.Graph, config: MemsaveConfig) -> list[Rewr
     return rewrites
 
 
-def _stays_apart(candidate: _Candidate) -> bool:
-    """Whether the rebuild can be kept apart from the forward's ops (see `BackwardCopier`)."""
-    apart: set[fx.Node] = set()
-    for op in candidate.ops:
-        reads_apart = any(i in apart for i in op.all_input_nodes)
-        if BackwardCopier.form_apart(op, op.args, op.kwargs, reads_apart=reads_apart) is None:
-            return False
-        if reads_apart or not is_view(op):
-            apart.add(op)
-    return candidate.value in apart
-
-
-def _rebuild(copier: BackwardCopier, candidate: _Candidate, *, before: fx.Node) -> fx.Node:
-    built: dict[fx.Node, fx.Node] = {}
+def _reads_apart(candidate: _Candidate) -> dict[fx.Node, bool]:
+    """For each op of the rebuild, whether its copy reads a copy kept apart from the forward's
+    value (see `BackwardCopier.form_apart`): a computed copy is apart, a view as apart as its base."""
+    reads_apart: dict[fx.Node, bool] = {}
     apart: set[fx.Node] = set()
     for op in candidate.ops:  # sources first
-        args, kwargs = fx.node.map_arg((op.args, op.kwargs), lambda a: built.get(a, a))
-        reads_apart = any(i in apart for i in op.all_input_nodes)
-        built[op] = copier.copy(op, args, kwargs, reads_apart=reads_apart, before=before)
-        if reads_apart or not is_view(op):
+        reads_apart[op] = any(i in apart for i in op.all_input_nodes)
+        if reads_apart[op] or not is_view(op):
             apart.add(op)
+    return reads_apart
+
+
+def _stays_apart(candidate: _Candidate, reads_apart: dict[fx.Node, bool]) -> bool:
+    """Whether every op of the rebuild has a copy the partitioner keeps apart from it."""
+    return all(BackwardCopier.form_apart(op, op.args, op.kwargs, reads_apart=reads_apart[op]) is not None for op in candidate.ops)
+
+
+def _rebuild(copier: BackwardCopier, candidate: _Candidate, reads_apart: dict[fx.Node, bool], *, before: fx.Node) -> fx.Node:
+    built: dict[fx.Node, fx.Node] = {}
+    for op in candidate.ops:  # sources first
+        args, kwargs = fx.node.map_arg((op.args, op.kwargs), lambda a: built.get(a, a))
+        built[op] = copier.copy(op, args, kwargs, reads_apart=reads_apart[op], before=before)
     return built[candidate.value]
 
 
@@ -212,7 +214,7 @@ def _dtype(node: fx.Node) -> str:
     return str(node.meta["val"].dtype).removeprefix("torch.")
 
 
-def _describe(sources: tuple[fx.Node, ...], mask_bits: int = _BYTE) -> str:
+def _describe(sources: tuple[fx.Node, ...], mask_bits: int) -> str:
     """"mul_9 (bfloat16) and the 1-bit mask gt_3": values first, masks after."""
     values = [f"{s.name} ({_dtype(s)})" for s in sources if s.meta["val"].dtype != torch.bool]
     mask = "the 1-bit mask" if mask_bits == 1 else "the boolean mask"

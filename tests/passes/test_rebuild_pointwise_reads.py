@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 
 import memsave_fx
+from benchmarks.workloads import LastHiddenState
 from memsave_fx import MemsaveConfig
 from memsave_fx.analysis import Decision, analyze_joint_graph
 from memsave_fx.passes.rebuild_pointwise_reads import rebuild_pointwise_reads
@@ -21,15 +22,6 @@ from ..utils import (
 )
 
 pytestmark = pytest.mark.slow
-
-
-class LastHiddenState(nn.Module):
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids).last_hidden_state
 
 
 def lora_model(family: str, dtype: torch.dtype, dropout: float, targets: str) -> tuple[nn.Module, list[torch.Tensor], int]:
