@@ -30,6 +30,7 @@ if TYPE_CHECKING:  # for type checkers only: at run time each name resolves on f
     from torch._inductor.custom_graph_pass import CustomGraphPass, CustomPartitionerFn, get_hash_for_files
     from torch._inductor.graph import GraphLowering
     from torch._inductor.output_code import OutputCode
+    from torch._inductor.pattern_matcher import stable_topological_sort
     from torch._ops import OpOverload
     from torch._prims_common import get_computation_dtype, is_non_overlapping_and_dense_or_false
     from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
@@ -61,6 +62,7 @@ _INTERNALS: dict[str, tuple[str, str]] = {
     "OutputCode": ("torch._inductor.output_code", "OutputCode"),
     "GraphLowering": ("torch._inductor.graph", "GraphLowering"),
     "TorchCompileInductorWrapper": ("torch", "_TorchCompileInductorWrapper"),
+    "stable_topological_sort": ("torch._inductor.pattern_matcher", "stable_topological_sort"),
     # fake tensors and metadata
     "detect_fake_mode": ("torch._guards", "detect_fake_mode"),
     "FakeTensor": ("torch._subclasses.fake_tensor", "FakeTensor"),

@@ -28,6 +28,8 @@ class MemsaveConfig:
     approx_activations: ReGELU2 / ReSiLU2 (lossy backward, exact forward).
     share_norms: MS-LayerNorm / MS-RMSNorm memory sharing (exact up to rounding).
     pool_activations: k > 1 keeps k-pooled conv inputs for weight gradients (lossy); 1 is off.
+    chunked_loss: the LM head's cross-entropy in row chunks, its gradients formed in the
+        forward, so that no logits are kept for backward (exact up to reduction order).
     """
 
     compiler: Literal["inductor", "eager"] = "inductor"
@@ -35,6 +37,7 @@ class MemsaveConfig:
     approx_activations: bool = False
     share_norms: bool = False
     pool_activations: int = 1
+    chunked_loss: bool = True
     # Which options came from MEMSAVE_<OPTION> variables: shown by the plan, and no part of
     # the options' identity (equality, hashing, the compile caches' keys).
     from_environment: tuple[str, ...] = dataclasses.field(default=(), compare=False, repr=False, metadata={"option": False})
@@ -58,7 +61,7 @@ class MemsaveConfig:
                 f"memsave option compiler={self.compiler!r} is invalid; valid values: "
                 + ", ".join(repr(c) for c in COMPILERS)
             )
-        for name in ("exact_compression", "approx_activations", "share_norms"):
+        for name in ("exact_compression", "approx_activations", "share_norms", "chunked_loss"):
             value = getattr(self, name)
             if not isinstance(value, bool):
                 raise ValueError(

@@ -15,6 +15,7 @@ from ..analysis import analyze_joint_graph
 from ..config import MemsaveConfig
 from .approximate_activation_backward import approximate_activation_backward
 from .base import Rewrite, RewritePass
+from .chunk_linear_cross_entropy import chunk_linear_cross_entropy
 from .flatten_saved_conv_inputs import flatten_saved_conv_inputs
 from .pool_convolution_inputs import pool_convolution_inputs
 from .rebuild_pointwise_reads import rebuild_pointwise_reads
@@ -28,6 +29,8 @@ __all__ = ["PASSES", "Rewrite", "RewritePass", "run_passes"]
 log = logging.getLogger(__name__)
 
 PASSES: tuple[RewritePass, ...] = (
+    # First: the rewrites after it see a backward that no longer reads the logits.
+    chunk_linear_cross_entropy,
     replace_frozen_convolution_backward,
     replace_eval_batch_norm_backward,
     replace_shape_only_reads,
