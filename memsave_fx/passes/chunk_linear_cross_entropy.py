@@ -134,6 +134,8 @@ def _match(anchor: fx.Node) -> _LossHead | None:
         raise _Declined(f"{linear.name} adds {bias.name}, not a bias vector")
     shift = _check_path(path)
     log_softmax = _log_softmax_nodes(anchor)
+    if (dtype := log_softmax[-1].meta["val"].dtype) not in (torch.float32, torch.float64):
+        _refuse_half_precision(dtype)
     target, ignore_index, mean, loss, loss_nodes = _nll(log_softmax[-1])
     head = _LossHead(linear, hidden, weight, bias, path, shift, log_softmax, target, ignore_index, mean, loss, loss_nodes)
     _check_forward_readers(head)
@@ -167,7 +169,7 @@ def _check_path(path: list[fx.Node]) -> fx.Node | None:
             if value.shape[-1] != node.args[0].meta["val"].shape[-1]:
                 raise _Declined(f"{node.name} reshapes the logits' vocabulary dimension")
             continue
-        if node.target is prims.convert_element_type.default:
+        if node.target is prims.convert_element_type.default or _is_cast(node):
             if value.dtype.itemsize < node.args[0].meta["val"].dtype.itemsize or not value.dtype.is_floating_point:
                 raise _Declined(f"{node.name} narrows the logits to {value.dtype}")
             continue
@@ -183,10 +185,22 @@ def _check_path(path: list[fx.Node]) -> fx.Node | None:
     return shift
 
 
+def _is_cast(node: fx.Node) -> bool:
+    """`_to_copy` changing only the dtype: `.float()` where nothing decomposed it."""
+    return node.target is aten._to_copy.default and set(node.kwargs) <= {"dtype"}
+
+
 def _slices_rows(node: fx.Node) -> bool:
     source, dim = node.args[0].meta["val"], node.args[1]
     step = node.args[4] if len(node.args) > 4 else 1
     return step == 1 and dim % source.ndim != source.ndim - 1
+
+
+def _refuse_half_precision(dtype: torch.dtype) -> None:
+    raise _Declined(
+        f"the log-softmax is computed in {str(dtype).removeprefix('torch.')}, whose rounding the "
+        "chunks would not reproduce (upcast the logits with .float(), as transformers does)"
+    )
 
 
 def _log_softmax_nodes(anchor: fx.Node) -> list[fx.Node]:
@@ -217,12 +231,15 @@ def _nll(log_probs: fx.Node) -> tuple[fx.Node, int, bool, fx.Node, list[fx.Node]
     """(labels, ignore_index, mean, loss, nodes) of the negative log-likelihood over
     `log_probs`: `nll_loss_forward`, or its decomposition (gather, mask, sum, divide)."""
     readers = _readers_through_views(log_probs)
+    for reader in readers:
+        if reader.target is prims.convert_element_type.default and reader.args[1].itemsize < log_probs.meta["val"].dtype.itemsize:
+            _refuse_half_precision(reader.args[1])
     picks = [u for u in readers if u.target in (aten.gather.default, aten.nll_loss_forward.default)]
     others = [u for u in readers if u not in picks]
     if others:
         raise _Declined(
             f"the log-probabilities are also read by {', '.join(sorted({_op(u) for u in others}))} "
-            "(label smoothing, or another term over them)"
+            "(label smoothing, class weights, or another term over them)"
         )
     if len(picks) != 1:
         raise _Declined("the log-probabilities are read by no single negative log-likelihood")
