@@ -127,18 +127,43 @@ def llama_lm(batch: int) -> tuple[nn.Module, list[torch.Tensor]]:
     return CausalLMLoss(LlamaForCausalLM(config)), [tokens, tokens.clone()]
 
 
+def lm_vocabulary(family: str, vocabulary: int) -> Callable[[int], tuple[nn.Module, list[torch.Tensor]]]:
+    """A small causal LM of `family` with a realistic vocabulary (32k: Llama 2 and Mistral;
+    128k: Llama 3; 152k: Qwen2, its head tied to the embedding as in Qwen2-0.5B), called as
+    HF Trainer calls it: the graph returns the logits with the loss."""
+
+    def build(batch: int) -> tuple[nn.Module, list[torch.Tensor]]:
+        import transformers
+
+        config = getattr(transformers, f"{family}Config")(
+            hidden_size=128, intermediate_size=344, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=4, vocab_size=vocabulary, max_position_embeddings=64,
+            tie_word_embeddings=family == "Qwen2",
+        )  # fmt: skip
+        torch.manual_seed(0)
+        tokens = _tokens(batch, vocabulary)
+        model = getattr(transformers, f"{family}ForCausalLM")(config)
+        return CausalLMLoss(model, logits_returned=True), [tokens, tokens.clone()]
+
+    return build
+
+
 def _tokens(batch: int, vocab: int) -> torch.Tensor:
     return torch.randint(0, vocab, (batch, 64), generator=torch.Generator().manual_seed(0))
 
 
 MODELS: dict[str, Callable[[int], tuple[nn.Module, list[torch.Tensor]]]] = {
     "cnn": plain_cnn, "resnet": resnet, "vit": vit, "bert": bert, "llama": llama, "mistral": mistral, "llama_lm": llama_lm,
+    "llama_lm_32k": lm_vocabulary("Llama", 32000), "llama_lm_128k": lm_vocabulary("Llama", 128256),
+    "qwen2_lm_152k": lm_vocabulary("Qwen2", 151936),
 }  # fmt: skip
+LM_VOCABULARIES = ("llama_lm_32k", "llama_lm_128k", "qwen2_lm_152k")
 LORA_TARGETS = {
     "vit": ["q_proj", "v_proj"], "bert": ["query", "value"], "llama": ["q_proj", "v_proj"],
     "mistral": ["q_proj", "v_proj"], "llama_lm": ["q_proj", "v_proj"],
+    **{name: ["q_proj", "v_proj"] for name in LM_VOCABULARIES},
 }  # fmt: skip
-LORA_ONLY = {"mistral", "llama_lm"}  # models benchmarked only under LoRA
+LORA_ONLY = {"mistral", "llama_lm", *LM_VOCABULARIES}  # models benchmarked only under LoRA
 HAS_BATCH_NORM = {"resnet"}
 HAS_NO_NORMS = {"cnn"}
 

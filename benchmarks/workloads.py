@@ -8,6 +8,7 @@ is downloaded.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -195,14 +196,26 @@ def bottleneck_resnet_stem(
 
 
 class CausalLMLoss(nn.Module):
-    """Calls a causal language model with labels and returns its loss."""
+    """Calls a causal language model with labels and returns its loss.
 
-    def __init__(self, model: nn.Module) -> None:
+    With `logits_returned`, the loss is taken from the model's output outside the compiled
+    graph, as HF Trainer does: the graph then returns the logits too, and autograd passes them
+    a zero tangent in the backward.
+    """
+
+    def __init__(self, model: nn.Module, *, logits_returned: bool = False) -> None:
         super().__init__()
         self.model = model
+        self.logits_returned = logits_returned
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, labels=labels).loss
+        output = self.model(input_ids=input_ids, labels=labels)
+        return _loss_outside_the_graph(output) if self.logits_returned else output.loss
+
+
+@torch.compiler.disable
+def _loss_outside_the_graph(output: Any) -> torch.Tensor:
+    return output.loss
 
 
 def llama_lora_causal_lm(

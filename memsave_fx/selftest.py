@@ -3,7 +3,8 @@
 Small models, one per case, together cover every exact rewrite memsave makes under Inductor:
 frozen convolutions (1d, 2d, 3d, transposed), pooling backwards that read their input only for
 its shape, flat saved conv inputs, eval-mode BatchNorm with a frozen affine weight, 1-bit ReLU
-and dropout masks, packed max-pool offsets, and a transformer block with LoRA. (The eval-mode
+and dropout masks, packed max-pool offsets, a transformer block with LoRA, and an LM head's
+cross-entropy. (The eval-mode
 BatchNorm rewrite of `compiler="eager"` is left out: under Inductor its decompositions already
 drop the input.) Each case runs one training step in eager PyTorch, stock Inductor and memsave,
 each on its own copy of the model, and passes when
@@ -229,6 +230,29 @@ def lora_transformer(device: torch.device) -> tuple[nn.Module, Inputs]:
     return model, [x.to(torch.bfloat16)]
 
 
+class LanguageModelHead(nn.Module):
+    """A final norm, a frozen vocabulary projection and transformers' causal-LM loss: the
+    logits upcast to fp32, prompt tokens ignored (-100), the mean over the others."""
+
+    def __init__(self, dim: int = 32, vocabulary: int = 512) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.head = _frozen(nn.Linear(dim, vocabulary, bias=False))
+
+    def forward(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits = self.head(self.norm(hidden)).float()
+        return F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1), ignore_index=-100)
+
+
+def lm_head_loss(device: torch.device) -> tuple[nn.Module, Inputs]:
+    # bf16, as LLMs are fine-tuned: Inductor keeps the fp32 log-softmax, memsave no logits.
+    torch.manual_seed(SEED)
+    model, (hidden,) = _seeded(device, LanguageModelHead().to(torch.bfloat16), ((2, 64, 32), False))
+    labels = torch.randint(0, 512, (2, 64), generator=torch.Generator().manual_seed(SEED + 2)).to(device)
+    labels[:, :5] = -100
+    return model, [hidden.to(torch.bfloat16), labels]
+
+
 FROZEN_CONV = "replace_frozen_convolution_backward"
 CASES: list[Case] = [
     Case(
@@ -251,6 +275,10 @@ CASES: list[Case] = [
     Case(
         "lora_transformer", lora_transformer, "bf16 attention and MLP block, fp32 LoRA adapters train (peft's default)",
         rewrites=frozenset({"rebuild_pointwise_reads"}),
+    ),
+    Case(
+        "lm_head_loss", lm_head_loss, "bf16 LM head and cross-entropy (ignore_index), the final norm trains",
+        rewrites=frozenset({"chunk_linear_cross_entropy"}),
     ),
 ]  # fmt: skip
 

@@ -85,7 +85,7 @@ def test_where_options_came_from_is_no_part_of_their_identity():
 
 
 def test_unknown_options_name_the_valid_ones():
-    with pytest.raises(ValueError, match="unknown memsave option share_norm; valid: approx_activations, compiler"):
+    with pytest.raises(ValueError, match="unknown memsave option share_norm; valid: approx_activations, chunked_loss, compiler"):
         memsave_fx.backend(share_norm=True)
 
 
