@@ -77,7 +77,6 @@ class MemsaveBackend:
         config, inductor_options = self.resolve(mode, options)
         inputs = graph_inputs(gm)
         record = CompiledGraph(len(self.compiled), config, len(gm.graph.nodes), inputs)
-        self.compiled.append(record)
         retrace = _Retrace(gm, example_inputs, config, inputs, mode, inductor_options)
         cache_hits = _compat.autograd_cache_hits()
         compiled = _compile(
@@ -85,6 +84,8 @@ class MemsaveBackend:
         )
         # The joint pass and the partitioner did not run: the record is re-derived when read.
         record.from_cache = _compat.autograd_cache_hits() > cache_hits
+        # Listed once compiled: Dynamo may abandon a graph mid-compile and restart its analysis.
+        self.compiled.append(record)
         return record.hold_retrace(retrace, compiled)
 
     def resolve(self, mode: str | None, options: dict[str, Any] | None) -> tuple[MemsaveConfig, dict[str, Any]]:

@@ -61,15 +61,13 @@ def linear_cross_entropy(
         block_logits = F.linear(block, weight, bias)
         if return_logits:
             logits[start:end] = block_logits
-        # The log-softmax as the decomposition computes it: shifted by the row maximum.
-        shifted = block_logits.to(dtype)
-        shifted = shifted - shifted.amax(1, keepdim=True)
-        log_probs = shifted - shifted.exp().sum(1, keepdim=True).log()
+        # x - max - log(sum(exp(x - max))), as the decomposition computes it, in one kernel.
+        log_probs = torch.log_softmax(block_logits, 1, dtype=dtype)
         picked = log_probs.gather(1, safe_target[start:end]).squeeze(1)
         total -= torch.where(valid[start:end], picked, 0).sum(dtype=torch.float32)
         grad = log_probs.exp_()  # softmax, in place of the log-probabilities
         grad.scatter_add_(1, safe_target[start:end], grad.new_full((end - start, 1), -1))
-        grad = (grad * row_scale[start:end]).to(block_logits.dtype)
+        grad = grad.mul_(row_scale[start:end]).to(block_logits.dtype)
         if need_hidden:
             torch.mm(grad, weight, out=grad_hidden[start:end])
         if need_weight:

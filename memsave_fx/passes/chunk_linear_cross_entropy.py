@@ -30,11 +30,13 @@ import operator
 
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from .. import _compat
 from ..analysis import IS_BACKWARD, IS_FORWARD, is_tangent
 from ..config import MemsaveConfig
 from .. import linear_cross_entropy as _kernels  # registers the memsave:: ops
+from ..memory import size_hint
 from .base import Rewrite, insert_call, is_view
 
 aten = torch.ops.aten
@@ -420,9 +422,10 @@ def _linear_backward(head: _LossHead) -> tuple[fx.Node | None, fx.Node | None, f
 
 
 def _rewrite(graph: fx.Graph, head: _LossHead, plan: _BackwardPlan) -> None:
-    rows, width = head.hidden.meta["val"].shape
-    vocabulary = head.weight.meta["val"].shape[0]
-    rows_per_chunk = min(rows, max(MIN_ROWS_PER_CHUNK, math.ceil(rows * width / vocabulary)))
+    # A constant: with a symbolic row count, sized for the example's.
+    rows, width = (size_hint(d) for d in head.hidden.meta["val"].shape)
+    vocabulary = size_hint(head.weight.meta["val"].shape[0])
+    rows_per_chunk = max(1, min(rows, max(MIN_ROWS_PER_CHUNK, math.ceil(rows * width / vocabulary))))
     target = _target_per_row(graph, head)
     gradients = [plan.grad_hidden is not None, plan.grad_weight is not None, plan.grad_bias is not None]
     return_logits = bool(plan.logits_outputs)
@@ -450,7 +453,7 @@ def _rewrite(graph: fx.Graph, head: _LossHead, plan: _BackwardPlan) -> None:
         scale = insert_call(graph, aten.div.Tensor, (loss_tangent, divisor), like=first_reader)
     from_tangent = None
     if plan.logits_tangent is not None:
-        tangent = insert_call(graph, aten.view.default, (plan.logits_tangent, list(head.linear.meta["val"].shape)), like=first_reader)
+        tangent = insert_call(graph, aten.view.default, (plan.logits_tangent, [-1, head.linear.meta["val"].shape[-1]]), like=first_reader)
         call = insert_call(graph, memsave.linear_backward_unless_zero.default, (tangent, head.hidden, head.weight, gradients), like=first_reader)
         from_tangent = [insert_call(graph, operator.getitem, (call, i), like=first_reader) for i in range(3)]
     for index, (replaced, saved) in enumerate(((plan.grad_hidden, grad_hidden), (plan.grad_weight, grad_weight), (plan.grad_bias, grad_bias))):
@@ -491,6 +494,8 @@ def _target_per_row(graph: fx.Graph, head: _LossHead) -> fx.Node:
     shifted by a slice, those put back in place with ignore_index in the rows sliced off."""
     if head.shift is None:
         return head.target
+    if not all(is_concrete_int(d) for d in head.shift.args[0].meta["val"].shape):
+        raise _Declined(f"the logits' rows are shifted by {head.shift.name} over a symbolic size")
     sliced = head.shift.meta["val"].shape[:-1]
     full = head.shift.args[0].meta["val"].shape[:-1]
     _, dim, start, end = (*head.shift.args, None, None)[:4]

@@ -309,3 +309,23 @@ def test_z_loss_is_declined():
 def test_option_takes_booleans_only():
     with pytest.raises(ValueError, match="chunked_loss"):
         MemsaveConfig(chunked_loss="yes")
+
+
+def test_dynamic_sequence_lengths():
+    # Variable-length batches: one graph with a symbolic row count serves both.
+    model = Head()
+    reference, compiled_model = copy.deepcopy(model), copy.deepcopy(model)
+    backend = memsave_fx.backend()
+    compiled = torch.compile(compiled_model, backend=backend, dynamic=True)
+    for length in (150, 97):
+        hidden, labels = head_inputs()
+        hidden, labels = hidden[:, :length].contiguous().detach().requires_grad_(), labels[:, :length].contiguous()
+        inputs = [hidden, labels]
+        for m in (reference, compiled_model):
+            m.zero_grad()
+        expected = head_step(reference, None, clone_inputs(inputs))
+        actual_inputs = clone_inputs(inputs)
+        (compiled(*actual_inputs) * 1.37).backward()
+        actual = {n: p.grad for n, p in compiled_model.named_parameters()} | {"hidden": actual_inputs[0].grad}
+        assert_grads_close(actual, expected)
+    assert len(backend.compiled) == 1 and rewrites(backend), [r.reason for r in rewrites(backend, applied=False)]
