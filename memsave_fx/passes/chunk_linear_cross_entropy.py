@@ -10,15 +10,17 @@ it (HF's `ForCausalLMLoss` included: `ignore_index`, mean or sum, a division by
 its gradients with respect to h, W and b a block of rows at a time in the forward, with no
 more matmuls than stock compilation does in forward and backward together, and the backward
 only scales them by the loss's tangent. The logits, when the graph returns them, are computed
-once, in the same blocks, and not kept.
+once, in the same blocks, and not kept. A LoRA'd head (peft's `lora.Linear` on `lm_head`:
+`(h @ W.T + (lora_A(h) @ B.T) * scaling).to(W.dtype)`) is one kernel too, with the gradients
+with respect to lora_A's output and B; lora_A itself stays in the graph.
 
 When the logits are returned, AOTAutograd's backward also takes their tangent, which autograd
 fills with zeros when only the loss is differentiated: `memsave::linear_backward_unless_zero`
 adds its contribution, and skips the matmuls for an all-zero tangent.
 
-Label smoothing, class weights, soft-capped or scaled logits, a z-loss, a head that is not
-one linear layer (a LoRA'd `lm_head`) and a loss that is not a scalar are declined, each with
-its reason, and the graph left as it is.
+Label smoothing, class weights, soft-capped or scaled logits, a z-loss, a head that is neither
+one linear layer nor one with a LoRA adapter, and a loss that is not a scalar are declined,
+each with its reason, and the graph left as it is.
 """
 
 from __future__ import annotations
@@ -58,12 +60,29 @@ class _Declined(Exception):
 
 
 @dataclasses.dataclass
-class _LossHead:
-    linear: fx.Node  # mm(hidden, W.T) or addmm(bias, hidden, W.T): the logits, [N, V]
-    hidden: fx.Node
+class _Linear:
+    """One matmul term of the logits: `input @ weight.T (+ bias)`, times `scale`."""
+
+    mm: fx.Node  # mm(input, W.T) or addmm(bias, input, W.T), [N, V]
+    input: fx.Node
     weight: fx.Node
     bias: fx.Node | None
-    path: list[fx.Node]  # linear -> the log-softmax's input: views, an upcast, a shift
+    scale: float = 1.0
+    nodes: list[fx.Node] = dataclasses.field(default_factory=list)  # from mm to the sum: views, casts, the scaling
+
+    @property
+    def hidden(self) -> fx.Node:
+        return self.input
+
+
+@dataclasses.dataclass
+class _LossHead:
+    linear: _Linear  # the head's linear layer
+    low_rank: _Linear | None  # a LoRA adapter's lora_B(lora_A(h)) * scaling, added to it
+    logits: fx.Node  # the logits as the model returns them: the linear's, or (LoRA) the sum cast back
+    logits_dtype: torch.dtype | None  # with a LoRA adapter: what the sum is cast to
+    combine: list[fx.Node]  # with a LoRA adapter: the sum, and its cast back
+    path: list[fx.Node]  # logits -> the log-softmax's input: views, an upcast, a shift
     shift: fx.Node | None  # a slice of the rows (the causal shift), if any
     log_softmax: list[fx.Node]  # its nodes, the log-probabilities last
     target: fx.Node  # the labels as the loss reads them, one per row of the log-softmax's input
@@ -73,8 +92,25 @@ class _LossHead:
     loss_nodes: list[fx.Node]  # the forward nodes from the log-probabilities to the loss
 
     @property
+    def hidden(self) -> fx.Node:
+        return self.linear.input
+
+    @property
+    def weight(self) -> fx.Node:
+        return self.linear.weight
+
+    @property
+    def terms(self) -> list[_Linear]:
+        return [self.linear] if self.low_rank is None else [self.linear, self.low_rank]
+
+    @property
+    def head_nodes(self) -> list[fx.Node]:
+        """The forward nodes from the matmuls to the logits."""
+        return [*(n for term in self.terms for n in (term.mm, *term.nodes)), *self.combine]
+
+    @property
     def released(self) -> tuple[str, ...]:
-        return tuple(n.name for n in (self.linear, *self.path, *self.log_softmax, *self.loss_nodes))
+        return tuple(n.name for n in (*self.head_nodes, *self.path, *self.log_softmax, *self.loss_nodes))
 
 
 def chunk_linear_cross_entropy(graph: fx.Graph, config: MemsaveConfig) -> list[Rewrite]:
@@ -122,43 +158,108 @@ def _last_dim(dim: object, ndim: int) -> bool:
 
 
 def _match(anchor: fx.Node) -> _LossHead | None:
-    logits = anchor.args[0]
-    found = _linear_behind(logits)
+    found = _head_behind(anchor.args[0])
     if found is None:
         return None
-    linear, path = found
-    hidden, transposed = linear.args[-2:]
-    if not (transposed.target in _TRANSPOSES and transposed.args[0].meta["val"].ndim == 2):
-        raise _Declined(f"the logits {linear.name} multiply {transposed.name}, not a transposed weight")
-    weight = transposed.args[0]
-    bias = linear.args[0] if linear.target is aten.addmm.default else None
-    if bias is not None and (bias.meta["val"].ndim != 1 or linear.kwargs):
-        raise _Declined(f"{linear.name} adds {bias.name}, not a bias vector")
+    end, path = found
+    if end.target in _LINEARS:
+        linear, low_rank, logits, logits_dtype, combine = _linear_term(end), None, end, None, []
+    else:
+        terms = _lora_terms(end)
+        if terms is None:
+            return None  # a sum of things that are not linear layers: no loss head
+        linear, low_rank = terms
+        logits, logits_dtype, combine = end, None, [end]
+        # peft casts the sum back to the layer's dtype: those are the logits the model returns.
+        if path and _is_cast(path[0]) and path[0].meta["val"].dtype == linear.mm.meta["val"].dtype:
+            logits, logits_dtype, combine, path = path[0], path[0].meta["val"].dtype, [end, path[0]], path[1:]
     shift = _check_path(path)
     log_softmax = _log_softmax_nodes(anchor)
     if (dtype := log_softmax[-1].meta["val"].dtype) not in (torch.float32, torch.float64):
         _refuse_half_precision(dtype)
     target, ignore_index, mean, loss, loss_nodes = _nll(log_softmax[-1])
-    head = _LossHead(linear, hidden, weight, bias, path, shift, log_softmax, target, ignore_index, mean, loss, loss_nodes)
+    head = _LossHead(linear, low_rank, logits, logits_dtype, combine, path, shift, log_softmax, target, ignore_index, mean, loss, loss_nodes)
     _check_forward_readers(head)
     return head
 
 
-def _linear_behind(logits: fx.Node) -> tuple[fx.Node, list[fx.Node]] | None:
-    """The mm/addmm whose output reaches `logits` through single-input forward ops, and those
-    ops (nearest the linear first); None if there is none within a few ops."""
+def _head_behind(logits: fx.Node) -> tuple[fx.Node, list[fx.Node]] | None:
+    """The mm/addmm, or the sum of two terms, whose output reaches `logits` through
+    single-input forward ops, and those ops (nearest the head first); None if there is none
+    within a few ops."""
     path: list[fx.Node] = []
     node = logits
     for _ in range(12):
         if node.op != "call_function":
             return None
-        if node.target in _LINEARS:
+        if node.target in _LINEARS or (node.target is aten.add.Tensor and all(isinstance(a, fx.Node) for a in node.args[:2])):
             return node, path[::-1]
         path.append(node)
         node = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
         if node is None:
             return None
     return None
+
+
+def _linear_term(mm: fx.Node, scale: float = 1.0, nodes: list[fx.Node] | None = None) -> _Linear:
+    hidden, transposed = mm.args[-2:]
+    if not (transposed.target in _TRANSPOSES and transposed.args[0].meta["val"].ndim == 2):
+        raise _Declined(f"the logits {mm.name} multiply {transposed.name}, not a transposed weight")
+    bias = mm.args[0] if mm.target is aten.addmm.default else None
+    if bias is not None and (bias.meta["val"].ndim != 1 or mm.kwargs):
+        raise _Declined(f"{mm.name} adds {bias.name}, not a bias vector")
+    return _Linear(mm, hidden, transposed.args[0], bias, scale, nodes or [])
+
+
+def _lora_terms(add: fx.Node) -> tuple[_Linear, _Linear] | None:
+    """The head's linear layer and its LoRA adapter's term, `lora_B(lora_A(h)) * scaling`,
+    whose sum is `add`; None when neither side is a linear layer."""
+    sides = [_term_behind(side) for side in add.args[:2]]
+    if all(side is None for side in sides):
+        return None
+    other = [a.name for a, side in zip(add.args[:2], sides) if side is None]
+    scaled = [side for side in sides if side is not None and side[1] is not None]
+    if other or add.kwargs or len(scaled) != 1:
+        with_what = f" with {', '.join(other)}" if other else ""
+        raise _Declined(
+            f"the logits pass through add.Tensor{with_what} before the cross-entropy (a bias, "
+            "scaling, or a head that is neither one linear layer nor one with a LoRA adapter)"
+        )
+    (base_mm, _, base_nodes), (low_mm, scale, low_nodes) = sorted(sides, key=lambda side: side[1] is not None)
+    linear, low_rank = _linear_term(base_mm, 1.0, base_nodes), _linear_term(low_mm, scale, low_nodes)
+    if low_rank.bias is not None:
+        raise _Declined(f"the LoRA adapter's lora_B ({low_mm.name}) has a bias")
+    if low_rank.input.meta["val"].shape[-1] >= linear.input.meta["val"].shape[-1]:
+        raise _Declined(f"{low_mm.name}, added to the logits, is not of lower rank than the head")
+    return linear, low_rank
+
+
+def _term_behind(node: fx.Node) -> tuple[fx.Node, float | None, list[fx.Node]] | None:
+    """(mm, scale or None, the nodes from it to `node`) when `node` is a matmul through views,
+    widening casts and at most one multiplication by a number; None otherwise."""
+    nodes: list[fx.Node] = []
+    scale = None
+    for _ in range(8):
+        if node.op != "call_function":
+            return None
+        if node.target in _LINEARS:
+            return node, scale, nodes[::-1]
+        if node.target is aten.mul.Tensor and scale is None and isinstance(node.args[1], (int, float)):
+            scale = float(node.args[1])
+        elif not (node.target in _ROW_VIEWS or _is_widening_cast(node)):
+            return None
+        nodes.append(node)
+        node = node.args[0]
+        if not isinstance(node, fx.Node):
+            return None
+    return None
+
+
+def _is_widening_cast(node: fx.Node) -> bool:
+    if not _is_cast(node):
+        return False
+    before, after = node.args[0].meta["val"].dtype, node.meta["val"].dtype
+    return after.is_floating_point and after.itemsize >= before.itemsize
 
 
 def _check_path(path: list[fx.Node]) -> fx.Node | None:
@@ -171,7 +272,7 @@ def _check_path(path: list[fx.Node]) -> fx.Node | None:
             if value.shape[-1] != node.args[0].meta["val"].shape[-1]:
                 raise _Declined(f"{node.name} reshapes the logits' vocabulary dimension")
             continue
-        if node.target is prims.convert_element_type.default or _is_cast(node):
+        if _is_cast(node):
             if value.dtype.itemsize < node.args[0].meta["val"].dtype.itemsize or not value.dtype.is_floating_point:
                 raise _Declined(f"{node.name} narrows the logits to {value.dtype}")
             continue
@@ -182,13 +283,16 @@ def _check_path(path: list[fx.Node]) -> fx.Node | None:
         with_what = f" with {', '.join(other)}" if other else ""
         raise _Declined(
             f"the logits pass through {_op(node)}{with_what} before the cross-entropy "
-            "(soft-capping, scaling, or a head that is not one linear layer, such as a LoRA'd lm_head)"
+            "(soft-capping, scaling, or a head that is neither one linear layer nor one with a LoRA adapter)"
         )
     return shift
 
 
 def _is_cast(node: fx.Node) -> bool:
-    """`_to_copy` changing only the dtype: `.float()` where nothing decomposed it."""
+    """`convert_element_type`, or `_to_copy` changing only the dtype (`.float()` where
+    nothing decomposed it)."""
+    if node.target is prims.convert_element_type.default:
+        return True
     return node.target is aten._to_copy.default and set(node.kwargs) <= {"dtype"}
 
 
@@ -333,10 +437,11 @@ class _BackwardPlan:
 
     loss_tangent: tuple[fx.Node, object]  # the loss's output tangent, and what the output divides the loss by (or None)
     logits_tangent: fx.Node | None  # the tangent of the returned logits, if they are returned
-    logits_outputs: list[fx.Node]  # views of the logits the graph returns
-    grad_hidden: fx.Node | None  # mm(grad_logits, W): the gradient reaching the hidden states
-    grad_weight: fx.Node | None  # mm(grad_logits.T, hidden): W's gradient
-    grad_bias: fx.Node | None  # sum(grad_logits, 0): the bias's gradient
+    returned_logits: fx.Node | None  # the logits (or a view of them) the graph returns
+    # The backward's matmuls the kernel's gradients replace, in _GRADIENTS' order (None where
+    # nothing needs that gradient): mm(G, W), mm(G.T, h) and sum(G, 0) for the linear layer,
+    # then mm(G', B) and mm(G'.T, lora_A(h)) for a LoRA adapter.
+    gradients: list[fx.Node | None]
 
     @classmethod
     def of(cls, graph: fx.Graph, head: _LossHead) -> _BackwardPlan:
@@ -361,26 +466,18 @@ class _BackwardPlan:
         if loss_tangent is None:
             raise _Declined(f"the loss {head.loss.name} has no tangent")
 
-        # The logits: returned through views keeping their elements in order, or not at all.
-        logits_outputs = []
-        for user in _forward_users(head.linear):
-            if user in head.path[:1]:
-                continue
-            node = user
-            while node.op != "output" and node.target in _ROW_VIEWS and len(node.users) == 1:
-                node = next(iter(node.users))
-            if node.op != "output":
-                raise _Declined(f"the logits {head.linear.name} are also read by {_op(user)}")
-            logits_outputs.append(user if user is not head.linear else head.linear)
-        if any(u.op == "output" for u in head.linear.users):
-            logits_outputs.append(head.linear)
-        returned_logits = [v for v in values if isinstance(v, fx.Node) and (v is head.linear or v in logits_outputs or _views_of(v, head.linear))]
-        logits_tangents = [tangents[output_index[id(v)]] for v in returned_logits if tangents.get(output_index[id(v)]) is not None]
-        if len(logits_tangents) > 1:
-            raise _Declined(f"the logits {head.linear.name} are returned more than once")
+        # The logits: returned through views keeping their elements in order, or not at all
+        # (_check_forward_readers refused any other reader).
+        returned_logits = [v for v in values if isinstance(v, fx.Node) and (v is head.logits or _views_of(v, head.logits))]
+        if len(returned_logits) > 1:
+            raise _Declined(f"the logits {head.logits.name} are returned more than once")
+        logits_tangent = tangents.get(output_index[id(returned_logits[0])]) if returned_logits else None
 
-        grad_hidden, grad_weight, grad_bias = _linear_backward(head)
-        return cls((loss_tangent, divisor), logits_tangents[0] if logits_tangents else None, logits_outputs, grad_hidden, grad_weight, grad_bias)
+        gradients = list(_linear_backward(head.linear))
+        gradients += _linear_backward(head.low_rank)[:2] if head.low_rank is not None else [None, None]
+        if not any(gradients):
+            raise _Declined(f"the backward differentiates nothing through the head {head.linear.mm.name}")
+        return cls((loss_tangent, divisor), logits_tangent, returned_logits[0] if returned_logits else None, gradients)
 
 
 def _views_of(node: fx.Node, base: fx.Node) -> bool:
@@ -391,31 +488,33 @@ def _views_of(node: fx.Node, base: fx.Node) -> bool:
     return False
 
 
-def _linear_backward(head: _LossHead) -> tuple[fx.Node | None, fx.Node | None, fx.Node | None]:
-    """The backward's mm(G, W), mm(G.T, hidden) and sum(G, 0), where G is the logits' gradient;
-    refuses a G read otherwise."""
-    transposed = head.linear.args[-1]
-    grad_hidden = [
+def _linear_backward(term: _Linear) -> tuple[fx.Node | None, fx.Node | None, fx.Node | None]:
+    """The backward's mm(G, W), mm(G.T, input) and sum(G, 0), where G is the term's output
+    gradient; None for each the backward does not compute. Refuses a G read otherwise."""
+    transposed = term.mm.args[-1]
+    grad_input = [
         mm for back in transposed.users if not back.meta.get(IS_FORWARD) and back.target in _TRANSPOSES
         for mm in back.users if mm.target is aten.mm.default and mm.args[1] is back
     ]  # fmt: skip
     grad_weight = [
-        mm for mm in head.hidden.users if mm.meta.get(IS_BACKWARD) and mm.target is aten.mm.default
-        and mm.args[1] is head.hidden and mm.args[0].target in _TRANSPOSES
+        mm for mm in term.input.users if mm.meta.get(IS_BACKWARD) and mm.target is aten.mm.default
+        and mm.args[1] is term.input and mm.args[0].target in _TRANSPOSES
     ]  # fmt: skip
-    if len(grad_hidden) > 1 or len(grad_weight) > 1:
-        raise _Declined(f"the backward multiplies {head.linear.name}'s inputs more than once")
-    grads = [g.args[0] for g in grad_hidden] + [g.args[0].args[0] for g in grad_weight]
-    if not grads or any(g is not grads[0] for g in grads):
-        raise _Declined(f"the backward of {head.linear.name} is not one gradient's matmuls")
-    grad_logits = grads[0]
-    grad_bias = [u for u in grad_logits.users if u.target is aten.sum.dim_IntList and list(u.args[1]) == [0]]
-    expected = {*grad_hidden, *(g.args[0] for g in grad_weight), *grad_bias}
-    if set(grad_logits.users) != expected or any(len(g.args[0].users) != 1 for g in grad_weight):
-        raise _Declined(f"the logits' gradient {grad_logits.name} is also read by {', '.join(sorted(_op(u) for u in set(grad_logits.users) - expected))}")
-    if (head.bias is None) != (not grad_bias) and grad_bias:
-        raise _Declined(f"{head.linear.name} has no bias, yet its gradient is summed")
-    return (grad_hidden or [None])[0], (grad_weight or [None])[0], (grad_bias or [None])[0]
+    if len(grad_input) > 1 or len(grad_weight) > 1:
+        raise _Declined(f"the backward multiplies {term.mm.name}'s inputs more than once")
+    grads = [g.args[0] for g in grad_input] + [g.args[0].args[0] for g in grad_weight]
+    if not grads:
+        return None, None, None
+    if any(g is not grads[0] for g in grads):
+        raise _Declined(f"the backward of {term.mm.name} is not one gradient's matmuls")
+    grad_output = grads[0]
+    grad_bias = [u for u in grad_output.users if u.target is aten.sum.dim_IntList and list(u.args[1]) == [0]]
+    expected = {*grad_input, *(g.args[0] for g in grad_weight), *grad_bias}
+    if set(grad_output.users) != expected or any(len(g.args[0].users) != 1 for g in grad_weight):
+        raise _Declined(f"the logits' gradient {grad_output.name} is also read by {', '.join(sorted(_op(u) for u in set(grad_output.users) - expected))}")
+    if term.bias is None and grad_bias:
+        raise _Declined(f"{term.mm.name} has no bias, yet its gradient is summed")
+    return (grad_input or [None])[0], (grad_weight or [None])[0], (grad_bias or [None])[0]
 
 
 # --- the rewrite ------------------------------------------------------------------------------
@@ -427,36 +526,31 @@ def _rewrite(graph: fx.Graph, head: _LossHead, plan: _BackwardPlan) -> None:
     vocabulary = size_hint(head.weight.meta["val"].shape[0])
     rows_per_chunk = max(1, min(rows, max(MIN_ROWS_PER_CHUNK, math.ceil(rows * width / vocabulary))))
     target = _target_per_row(graph, head)
-    gradients = [plan.grad_hidden is not None, plan.grad_weight is not None, plan.grad_bias is not None]
-    return_logits = bool(plan.logits_outputs)
+    gradients = [g is not None for g in plan.gradients]
+    low_rank = head.low_rank
+    low_rank_args = (low_rank.input, low_rank.weight, low_rank.scale) if low_rank is not None else (None, None, 1.0)
     args = (
-        head.hidden, head.weight, head.bias, target, int(head.ignore_index), head.mean,
-        head.log_softmax[-1].meta["val"].dtype, rows_per_chunk, gradients, return_logits,
+        head.hidden, head.weight, head.linear.bias, target, int(head.ignore_index), head.mean,
+        head.log_softmax[-1].meta["val"].dtype, rows_per_chunk, gradients, plan.returned_logits is not None,
+        *low_rank_args, head.logits_dtype,
     )  # fmt: skip
-    fused = insert_call(graph, memsave.linear_cross_entropy.default, args, like=head.loss)
-    _compat.tag_for_forward(fused)
-    results = [insert_call(graph, operator.getitem, (fused, i), like=head.loss) for i in range(5)]
-    for result in results:
-        _compat.tag_for_forward(result)
-        result.meta[IS_FORWARD], result.meta[IS_BACKWARD] = True, False
-    loss, grad_hidden, grad_weight, grad_bias, logits = results
+    fused = _in_forward(insert_call(graph, memsave.linear_cross_entropy.default, args, like=head.loss))
+    loss, *grads, logits = (_in_forward(insert_call(graph, operator.getitem, (fused, i), like=head.loss)) for i in range(7))
     head.loss.replace_all_uses_with(loss)
-    if return_logits:
-        for user in list(head.linear.users):
-            if user is not logits and user not in head.path[:1]:
-                user.replace_input_with(head.linear, logits)
+    if plan.returned_logits is not None:
+        graph.output_node().replace_input_with(plan.returned_logits, _returned_view(graph, logits, head, plan.returned_logits))
 
     loss_tangent, divisor = plan.loss_tangent
-    first_reader = min((g for g in (plan.grad_hidden, plan.grad_weight, plan.grad_bias) if g is not None), key=_order(graph))
+    first_reader = min((g for g in plan.gradients if g is not None), key=_order(graph))
     scale = loss_tangent
     if divisor is not None:
         scale = insert_call(graph, aten.div.Tensor, (loss_tangent, divisor), like=first_reader)
     from_tangent = None
     if plan.logits_tangent is not None:
-        tangent = insert_call(graph, aten.view.default, (plan.logits_tangent, [-1, head.linear.meta["val"].shape[-1]]), like=first_reader)
-        call = insert_call(graph, memsave.linear_backward_unless_zero.default, (tangent, head.hidden, head.weight, gradients), like=first_reader)
-        from_tangent = [insert_call(graph, operator.getitem, (call, i), like=first_reader) for i in range(3)]
-    for index, (replaced, saved) in enumerate(((plan.grad_hidden, grad_hidden), (plan.grad_weight, grad_weight), (plan.grad_bias, grad_bias))):
+        tangent = insert_call(graph, aten.view.default, (plan.logits_tangent, [-1, head.linear.mm.meta["val"].shape[-1]]), like=first_reader)
+        call = insert_call(graph, memsave.linear_backward_unless_zero.default, (tangent, head.hidden, head.weight, gradients, *low_rank_args), like=first_reader)
+        from_tangent = [insert_call(graph, operator.getitem, (call, i), like=first_reader) for i in range(len(gradients))]
+    for index, (replaced, saved) in enumerate(zip(plan.gradients, grads)):
         if replaced is None:
             continue
         grad = insert_call(graph, aten.mul.Tensor, (saved, scale), like=replaced)
@@ -467,11 +561,32 @@ def _rewrite(graph: fx.Graph, head: _LossHead, plan: _BackwardPlan) -> None:
         replaced.replace_all_uses_with(grad)
 
 
+def _in_forward(node: fx.Node) -> fx.Node:
+    _compat.tag_for_forward(node)
+    node.meta[IS_FORWARD], node.meta[IS_BACKWARD] = True, False
+    return node
+
+
+def _returned_view(graph: fx.Graph, logits: fx.Node, head: _LossHead, returned: fx.Node) -> fx.Node:
+    """The kernel's [N, V] `logits` as the graph returns them: the views from the head's
+    matmul to its logits, then those from its logits to `returned`, replayed (so that symbolic
+    sizes stay the graph's own)."""
+    chain = []
+    node = returned
+    while node is not head.logits:
+        chain.append(node)
+        node = node.args[0]
+    views = [n for n in head.linear.nodes if n.target in _ROW_VIEWS] + chain[::-1]
+    for view in views:
+        logits = _in_forward(insert_call(graph, view.target, (logits, *view.args[1:]), view.kwargs, like=head.loss))
+    return logits
+
+
 def _check_forward_readers(head: _LossHead) -> None:
     """Refuse a head whose values the forward reads elsewhere (a z-loss, a second term over the
     logits): their gradients would reach the logits by another way than the cross-entropy's."""
-    own = {*head.path, *head.log_softmax, *head.loss_nodes}
-    for node in (*head.path, *head.log_softmax, *head.loss_nodes):
+    own = {*head.head_nodes, *head.path, *head.log_softmax, *head.loss_nodes}
+    for node in (*head.head_nodes, *head.path, *head.log_softmax, *head.loss_nodes):
         if node is head.loss:
             continue
         others = [u for u in _forward_users(node) if u not in own and not _feeds_output_only(u)]
@@ -511,10 +626,11 @@ def _order(graph: fx.Graph):
 
 
 def _reason(head: _LossHead) -> str:
-    value = head.linear.meta["val"]
+    value = head.logits.meta["val"]
     shape = "×".join(str(d) for d in value.shape)
+    adapter = " with a LoRA adapter" if head.low_rank is not None else ""
     return (
-        f"logits ({shape} {str(value.dtype).removeprefix('torch.')}) of the cross-entropy: its gradients are formed "
+        f"logits ({shape} {str(value.dtype).removeprefix('torch.')}) of the cross-entropy over a linear head{adapter}: its gradients are formed "
         "in row chunks in the forward, and the backward scales them by the loss's tangent"
     )
 

@@ -43,23 +43,59 @@ def test_kernel_matches_autograd(mean, bias):
     target[::5] = -100
     loss = F.cross_entropy(F.linear(hidden, weight, b), target, reduction="mean" if mean else "sum")
     expected = torch.autograd.grad(loss, [hidden, weight, *([b] if bias else [])])
-    result = linear_cross_entropy(hidden.detach(), weight.detach(), None if b is None else b.detach(), target, -100, mean, torch.float64, 8, [True, True, bias], True)
+    result = linear_cross_entropy(hidden.detach(), weight.detach(), None if b is None else b.detach(), target, -100, mean, torch.float64, 8, [True, True, bias, False, False], True)
     torch.testing.assert_close(result[0], loss.detach())
     for got, want in zip(result[1:4], expected):
         torch.testing.assert_close(got, want)
-    torch.testing.assert_close(result[4], F.linear(hidden, weight, b).detach())
+    assert result[4].numel() == result[5].numel() == 0
+    torch.testing.assert_close(result[6], F.linear(hidden, weight, b).detach())
+
+
+def lora_head_tensors(dtype: torch.dtype = torch.float64):
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(37, 16, generator=generator).to(dtype).requires_grad_()
+    weight = torch.randn(50, 16, generator=generator).to(dtype).requires_grad_()
+    low_rank = torch.randn(37, 4, dtype=torch.float64, generator=generator, requires_grad=True)
+    low_rank_weight = torch.randn(50, 4, dtype=torch.float64, generator=generator, requires_grad=True)
+    return hidden, weight, low_rank, low_rank_weight
+
+
+def test_kernel_with_a_lora_term_matches_autograd():
+    hidden, weight, low_rank, low_rank_weight = lora_head_tensors()
+    target = torch.randint(0, 50, (37,), generator=torch.Generator().manual_seed(1))
+    target[::4] = -100
+    logits = F.linear(hidden, weight) + F.linear(low_rank, low_rank_weight) * 0.5
+    loss = F.cross_entropy(logits, target)
+    expected = torch.autograd.grad(loss, [hidden, weight, low_rank, low_rank_weight])
+    detached = [t.detach() for t in (hidden, weight, low_rank, low_rank_weight)]
+    result = linear_cross_entropy(detached[0], detached[1], None, target, -100, True, torch.float64, 8, [True, True, False, True, True], True, detached[2], detached[3], 0.5, None)
+    torch.testing.assert_close(result[0], loss.detach())
+    for got, want in zip((result[1], result[2], result[4], result[5]), expected):
+        torch.testing.assert_close(got, want)
+    torch.testing.assert_close(result[6], logits.detach())
 
 
 def test_zero_tangent_skips_the_matmuls_and_others_do_not():
     generator = torch.Generator().manual_seed(0)
     hidden, weight = torch.randn(6, 4, generator=generator), torch.randn(9, 4, generator=generator)
-    zero = linear_backward_unless_zero(torch.zeros(6, 9), hidden, weight, [True, True, True])
-    assert all(not g.any() for g in zero) and [g.shape for g in zero] == [hidden.shape, weight.shape, (9,)]
+    zero = linear_backward_unless_zero(torch.zeros(6, 9), hidden, weight, [True, True, True, False, False])
+    assert all(not g.any() for g in zero[:3]) and [g.shape for g in zero[:3]] == [hidden.shape, weight.shape, (9,)]
     tangent = torch.randn(6, 9, generator=generator)
-    grads = linear_backward_unless_zero(tangent, hidden, weight, [True, True, False])
+    grads = linear_backward_unless_zero(tangent, hidden, weight, [True, True, False, False, False])
     torch.testing.assert_close(grads[0], tangent @ weight)
     torch.testing.assert_close(grads[1], tangent.t() @ hidden)
     assert grads[2].numel() == 0
+
+
+def test_zero_tangent_with_a_lora_term():
+    hidden, weight, low_rank, low_rank_weight = (t.detach() for t in lora_head_tensors())
+    tangent = torch.randn(37, 50, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    grads = linear_backward_unless_zero(tangent, hidden, weight, [True, False, True, True, True], low_rank, low_rank_weight, 0.5)
+    expected = [tangent @ weight, tangent.sum(0), (tangent * 0.5) @ low_rank_weight, (tangent * 0.5).t() @ low_rank]
+    for got, want in zip((grads[0], *grads[2:]), expected):
+        torch.testing.assert_close(got, want)
+    zero = linear_backward_unless_zero(torch.zeros_like(tangent), hidden, weight, [True, False, True, True, True], low_rank, low_rank_weight, 0.5)
+    assert all(not g.any() for g in zero) and zero[3].shape == low_rank.shape
 
 
 # --- models --------------------------------------------------------------------------------------
@@ -67,8 +103,9 @@ def test_zero_tangent_skips_the_matmuls_and_others_do_not():
 
 def causal_lm(family: str, dtype: torch.dtype, train: str) -> nn.Module:
     """A one-layer transformers causal LM in `dtype`. `train`: "lora" (peft's defaults on every
-    linear layer, the head frozen), "head" (the final norm and an untied lm_head train) or
-    "tied" (the final norm and the embedding, which is the head, train)."""
+    linear layer, the head frozen), "lora_head" (the same and on lm_head too), "head" (the
+    final norm and an untied lm_head train) or "tied" (the final norm and the embedding, which
+    is the head, train)."""
     import transformers
 
     torch.manual_seed(0)
@@ -86,10 +123,12 @@ def causal_lm(family: str, dtype: torch.dtype, train: str) -> nn.Module:
         model = transformers.GPT2LMHeadModel(config)
         model.loss_type = "ForCausalLM"  # else transformers logs a warning each call: a graph break
     model = model.to(dtype)
-    if train == "lora":
+    if train in ("lora", "lora_head"):
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear"))
+        linears = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
+        targets = "all-linear" if train == "lora" else linears  # "all-linear" leaves out the head
+        model = get_peft_model(model, LoraConfig(r=4, target_modules=targets))
         with torch.no_grad():
             for name, parameter in model.named_parameters():
                 if "lora_B" in name:
@@ -146,6 +185,8 @@ CASES = [
     ("Llama", torch.bfloat16, "tied", {}),
     ("GPT2", torch.float32, "tied", {}),
     ("GPT2", torch.bfloat16, "head", {"num_items_in_batch": torch.tensor(200)}),
+    ("Llama", torch.bfloat16, "lora_head", {}),
+    ("Llama", torch.float32, "lora_head", {"num_items_in_batch": torch.tensor(200)}),
 ]
 
 
@@ -164,11 +205,24 @@ def test_causal_lm_loss_matches_and_keeps_no_logits(family, dtype, train, extra)
     assert len(rewrites(backend)) == 1, [r.reason for r in rewrites(backend, applied=False)]
     # Stock keeps the logits or their log-softmax; memsave nothing vocabulary-wide.
     assert stock_largest >= ROWS * VOCABULARY > 2 * largest, (stock_largest, largest)
+    # The returned logits come from the kernel: no vocabulary-wide matmul is left in the forward.
+    assert vocabulary_matmuls(backend, rewrite=False) and not vocabulary_matmuls(backend, rewrite=True)
+
+
+def vocabulary_matmuls(backend: memsave_fx.MemsaveBackend, *, rewrite: bool) -> list[str]:
+    """The forward's matmuls whose output is as wide as the vocabulary, traced again with or
+    without memsave's rewrites."""
+    forwards = [graph.retrace(rewrite).forward.graph for graph in backend.compiled if graph.has_backward]
+    return [
+        node.name for forward in forwards for node in forward.nodes
+        if node.target in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default) and node.meta["val"].shape[-1] == VOCABULARY
+    ]  # fmt: skip
 
 
 @pytest.mark.slow
-def test_backpropagating_through_the_returned_logits_stays_right():
-    model = causal_lm("Llama", torch.float32, "head")
+@pytest.mark.parametrize("train", ["head", "lora_head"])
+def test_backpropagating_through_the_returned_logits_stays_right(train):
+    model = causal_lm("Llama", torch.float32, train)
     expected, _ = loss_step(copy.deepcopy(model), None, batch(), through_logits=True)
     backend = memsave_fx.backend()
     actual, _ = loss_step(copy.deepcopy(model), backend, batch(), through_logits=True)
