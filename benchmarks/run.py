@@ -235,7 +235,10 @@ def prepare(name: str, case: Case, batch: int) -> tuple[nn.Module, list[torch.Te
             lora = LoraConfig(r=8, target_modules="all-linear", lora_dropout=0.05)
         else:
             lora = LoraConfig(r=8, target_modules=LORA_TARGETS[name])
-        model = get_peft_model(model, lora)
+        if isinstance(model, CausalLMLoss):  # as a user applies it: to the transformers model, so "all-linear" leaves out the head
+            model.model = get_peft_model(model.model, lora)
+        else:
+            model = get_peft_model(model, lora)
     else:
         # A layer is a module with parameters of its own, in the order the model registers them.
         layers = list(dict.fromkeys(n.rpartition(".")[0] for n, _ in model.named_parameters()))
