@@ -27,6 +27,7 @@ if TYPE_CHECKING:  # for type checkers only: at run time each name resolves on f
     from torch._functorch.partitioners import OpTypes, get_default_op_list, min_cut_rematerialization_partition
     from torch._guards import detect_fake_mode
     from torch._inductor.compile_fx import compile_fx
+    from torch._inductor.decomposition import select_decomp_table
     from torch._inductor.custom_graph_pass import CustomGraphPass, CustomPartitionerFn, get_hash_for_files
     from torch._inductor.graph import GraphLowering
     from torch._inductor.output_code import OutputCode
@@ -34,6 +35,7 @@ if TYPE_CHECKING:  # for type checkers only: at run time each name resolves on f
     from torch._ops import OpOverload
     from torch._prims_common import get_computation_dtype, is_non_overlapping_and_dense_or_false
     from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
     from torch.fx.passes.shape_prop import _extract_tensor_metadata as extract_tensor_metadata
 
 __all__ = ["TorchInternalsError", "check_internals"]
@@ -59,6 +61,7 @@ _INTERNALS: dict[str, tuple[str, str]] = {
     "CustomPartitionerFn": ("torch._inductor.custom_graph_pass", "CustomPartitionerFn"),
     "get_hash_for_files": ("torch._inductor.custom_graph_pass", "get_hash_for_files"),
     "compile_fx": ("torch._inductor.compile_fx", "compile_fx"),
+    "select_decomp_table": ("torch._inductor.decomposition", "select_decomp_table"),  # what Inductor lowers
     "OutputCode": ("torch._inductor.output_code", "OutputCode"),
     "GraphLowering": ("torch._inductor.graph", "GraphLowering"),
     "TorchCompileInductorWrapper": ("torch", "_TorchCompileInductorWrapper"),
@@ -68,6 +71,7 @@ _INTERNALS: dict[str, tuple[str, str]] = {
     "FakeTensor": ("torch._subclasses.fake_tensor", "FakeTensor"),
     "FakeTensorMode": ("torch._subclasses.fake_tensor", "FakeTensorMode"),
     "extract_tensor_metadata": ("torch.fx.passes.shape_prop", "_extract_tensor_metadata"),
+    "make_fx": ("torch.fx.experimental.proxy_tensor", "make_fx"),  # traces a computation into a joint graph
     "OpOverload": ("torch._ops", "OpOverload"),
     "get_computation_dtype": ("torch._prims_common", "get_computation_dtype"),
     "pytree": ("torch.utils._pytree", ""),

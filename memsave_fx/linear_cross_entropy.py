@@ -1,12 +1,12 @@
-"""The kernels the loss-head rewrite calls (`memsave_fx.passes.chunk_linear_cross_entropy`).
+"""The loss head's computation (`memsave_fx.passes.chunk_linear_cross_entropy`).
 
-`memsave::linear_cross_entropy` computes `cross_entropy(hidden @ weight.T + bias, target)` a
-block of rows at a time, and with it the loss's gradients with respect to `hidden`, `weight`
-and `bias`, for a unit tangent: the loss is a scalar, so d loss / d logits is
+`linear_cross_entropy` computes `cross_entropy(hidden @ weight.T + bias, target)` a block of
+rows at a time, and with it the loss's gradients with respect to `hidden`, `weight` and
+`bias`, for a unit tangent: the loss is a scalar, so d loss / d logits is
 (softmax(logits) - onehot(target)) / count, known in the forward. The backward only scales
-them by the loss's tangent. No block holds more than `rows_per_chunk` rows of logits, so
-nothing vocabulary-wide is kept, and the forward does no more matmuls than stock compilation's
-forward and backward together.
+them by the loss's tangent. The pass traces it into the joint graph: nothing vocabulary-wide
+is kept for backward, and there are no more matmuls than stock compilation's forward and
+backward together.
 
 A LoRA'd head (peft's `lm_head` with an adapter) adds its low-rank term to the logits; its
 gradients with respect to lora_A's output and lora_B's weight are formed the same way.
@@ -15,9 +15,14 @@ Each step follows the dtypes of the graph it replaces: logits in the linear's dt
 term in its own, their sum in the promoted dtype, cast back as peft does), the log-softmax in
 `dtype` (fp32 when the model upcasts), the gradient cast back step by step before its
 matmuls. The results equal stock Inductor's up to reduction order.
+
+`memsave::linear_backward_unless_zero`, an opaque op, is the backward for a tangent of the
+returned logits: it skips its matmuls when the tangent is all zeros.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +31,6 @@ from torch import Tensor
 __all__ = ["linear_backward_unless_zero", "linear_cross_entropy"]
 
 
-@torch.library.custom_op("memsave::linear_cross_entropy", mutates_args=())
 def linear_cross_entropy(
     hidden: Tensor,
     weight: Tensor,
@@ -35,56 +39,52 @@ def linear_cross_entropy(
     ignore_index: int,
     mean: bool,
     dtype: torch.dtype,
-    rows_per_chunk: int,
+    chunks: int,
     gradients: list[bool],
     return_logits: bool,
     low_rank: Tensor | None = None,
     low_rank_weight: Tensor | None = None,
     low_rank_scale: float = 1.0,
     logits_dtype: torch.dtype | None = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(loss, and d loss/d hidden, weight, bias, low_rank, low_rank_weight, then the logits) for
+) -> tuple[Tensor | None, ...]:
+    """(loss, d loss/d hidden, weight, bias, low_rank, low_rank_weight, then the logits) for
     `hidden` [N, d], `weight` [V, d], `target` [N], and optionally a LoRA term: `low_rank`
     [N, r] (lora_A's output) times `low_rank_weight` [V, r] (lora_B's weight) times
     `low_rank_scale`, added to the linear's output and the sum cast to `logits_dtype`, as peft
-    does. `gradients` says which of the five gradients to form (the others, and the logits
-    unless `return_logits`, are empty); `mean` divides by the number of rows whose target is not
-    `ignore_index`, as `reduction="mean"` does."""
+    does. `gradients` says which of the five gradients to form (the others are None, and so
+    are the logits unless `return_logits`); `mean` divides by the number of rows whose target
+    is not `ignore_index`, as `reduction="mean"` does. The rows go in `chunks` blocks.
+
+    Out-of-place ops only: the pass traces this into the joint graph, where Inductor fuses each
+    block's log-softmax, loss and gradient into kernels that read the block's logits and write
+    its gradient in the logits' dtype, with no fp32 block in memory."""
     head = _Head(hidden, weight, bias, low_rank, low_rank_weight, low_rank_scale, logits_dtype, gradients)
     rows = hidden.shape[0]
     valid = target != ignore_index
     safe_target = torch.where(valid, target, 0).unsqueeze(1)
     # The per-row factor of the gradient: 1/count (mean) or 1, and 0 for ignored rows.
     count = valid.sum().to(dtype)
-    scale = 1 / count if mean else torch.ones((), dtype=dtype, device=hidden.device)
-    row_scale = torch.where(valid, scale, torch.zeros((), dtype=dtype, device=hidden.device)).unsqueeze(1)
+    row_scale = torch.where(valid, 1 / count if mean else 1.0, 0.0).to(dtype).unsqueeze(1)
+    vocabulary = torch.arange(weight.shape[0], device=hidden.device)
 
+    # Returned logits are computed whole, as the graph returns them; the blocks are their rows.
+    logits = head.logits(slice(None)) if return_logits else None
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-    logits = hidden.new_empty((rows, weight.shape[0]) if return_logits else (0,), dtype=head.logits_dtype)
-    grads = head.empty_gradients()
-    for start in range(0, rows, rows_per_chunk):
-        rows_in_block = slice(start, min(start + rows_per_chunk, rows))
-        block_logits = head.logits(rows_in_block)
-        if return_logits:
-            logits[rows_in_block] = block_logits
-        # x - max - log(sum(exp(x - max))), as the decomposition computes it, in one kernel.
+    blocks = []
+    bounds = [rows * i // chunks for i in range(chunks + 1)]
+    for start, stop in zip(bounds, bounds[1:]):
+        rows_in_block = slice(start, stop)
+        block_logits = head.logits(rows_in_block) if logits is None else logits[rows_in_block]
+        # x - max - log(sum(exp(x - max))) once decomposed, as stock compilation computes it.
         log_probs = torch.log_softmax(block_logits, 1, dtype=dtype)
-        picked = log_probs.gather(1, safe_target[rows_in_block]).squeeze(1)
-        total -= torch.where(valid[rows_in_block], picked, 0).sum(dtype=torch.float32)
-        grad = log_probs.exp_()  # softmax, in place of the log-probabilities
-        grad.scatter_add_(1, safe_target[rows_in_block], grad.new_full((grad.shape[0], 1), -1))
-        head.backward(grad.mul_(row_scale[rows_in_block]).to(head.logits_dtype), rows_in_block, grads)
+        block_target = safe_target[rows_in_block]
+        picked = log_probs.gather(1, block_target).squeeze(1)
+        total = total - torch.where(valid[rows_in_block], picked, 0).sum(dtype=torch.float32)
+        grad = (log_probs.exp() - (vocabulary == block_target).to(dtype)) * row_scale[rows_in_block]
+        blocks.append(head.backward(grad.to(head.logits_dtype), rows_in_block))
 
     loss = total.to(dtype) / count if mean else total.to(dtype)
-    return loss, *head.finish(grads), logits
-
-
-@linear_cross_entropy.register_fake
-def _(hidden, weight, bias, target, ignore_index, mean, dtype, rows_per_chunk, gradients, return_logits,
-      low_rank=None, low_rank_weight=None, low_rank_scale=1.0, logits_dtype=None):  # fmt: skip
-    head = _Head(hidden, weight, bias, low_rank, low_rank_weight, low_rank_scale, logits_dtype, gradients)
-    logits = hidden.new_empty((hidden.shape[0], weight.shape[0]) if return_logits else (0,), dtype=head.logits_dtype)
-    return hidden.new_empty((), dtype=dtype), *head.finish(head.empty_gradients()), logits
+    return loss, *head.finish(blocks), logits
 
 
 @torch.library.custom_op("memsave::linear_backward_unless_zero", mutates_args=())
@@ -102,17 +102,16 @@ def linear_backward_unless_zero(
     no matmul when it is all zeros: autograd passes zeros for outputs nobody differentiated, and
     the logits' tangent is one, as large as the logits, whenever only the loss is."""
     head = _Head(hidden, weight, None, low_rank, low_rank_weight, low_rank_scale, grad_output.dtype, gradients)
-    nonzero = bool(grad_output.any())
-    grads = head.empty_gradients(zeroed=not nonzero)
-    if nonzero:
-        head.backward(grad_output, slice(None), grads)
-    return head.finish(grads)
+    if not grad_output.any():
+        return head.zeros()
+    # A custom op returns tensors: empty ones for the gradients not requested.
+    return tuple(hidden.new_empty(0) if g is None else g for g in head.finish([head.backward(grad_output, slice(None))]))
 
 
 @linear_backward_unless_zero.register_fake
 def _(grad_output, hidden, weight, gradients, low_rank=None, low_rank_weight=None, low_rank_scale=1.0):
     head = _Head(hidden, weight, None, low_rank, low_rank_weight, low_rank_scale, grad_output.dtype, gradients)
-    return head.finish(head.empty_gradients())
+    return head.zeros()
 
 
 class _Head:
@@ -136,52 +135,59 @@ class _Head:
             logits = logits + F.linear(self.low_rank[rows], self.low_rank_weight) * self.low_rank_scale
         return logits.to(self.logits_dtype)
 
-    def backward(self, grad: Tensor, rows: slice, grads: dict[str, Tensor]) -> None:
-        """Adds the gradients for the logits' gradient `grad` over `rows` into `grads`."""
+    def backward(self, grad: Tensor, rows: slice) -> dict[str, Tensor]:
+        """The requested gradients' terms for the logits' gradient `grad` over `rows`: the
+        row-wise gradients' rows, the parameters' summands."""
         grad = grad.to(self.sum_dtype)
         linear_grad = grad.to(self.linear_dtype)
+        terms = {}
         if self.need["hidden"]:
-            grads["hidden"][rows] = torch.mm(linear_grad, self.weight)
+            terms["hidden"] = torch.mm(linear_grad, self.weight)
         if self.need["weight"]:
-            grads["weight"] += torch.mm(linear_grad.t(), self.hidden[rows])
+            terms["weight"] = torch.mm(linear_grad.t(), self.hidden[rows])
         if self.need["bias"]:
-            grads["bias"] += linear_grad.sum(0, dtype=grads["bias"].dtype)
+            terms["bias"] = linear_grad.sum(0, dtype=_accumulation_dtype(self.weight.dtype))
         if self.low_rank is not None:
             term_grad = grad.to(self.low_rank.dtype) * self.low_rank_scale
             if self.need["low_rank"]:
-                grads["low_rank"][rows] = torch.mm(term_grad, self.low_rank_weight)
+                terms["low_rank"] = torch.mm(term_grad, self.low_rank_weight)
             if self.need["low_rank_weight"]:
-                grads["low_rank_weight"] += torch.mm(term_grad.t(), self.low_rank[rows])
+                terms["low_rank_weight"] = torch.mm(term_grad.t(), self.low_rank[rows])
+        return terms
 
-    def empty_gradients(self, zeroed: bool = False) -> dict[str, Tensor]:
-        """Row-wise gradients to fill block by block (zeros if `zeroed`); the parameters' to
-        accumulate into, in fp32 for half-precision parameters."""
-        vocabulary = self.weight.shape[0]
-        grads = {}
-        for name, like, accumulated in (
-            ("hidden", self.hidden, False),
-            ("weight", self.weight, True),
-            ("bias", self.weight.new_empty(vocabulary), True),
-            ("low_rank", self.low_rank, False),
-            ("low_rank_weight", self.low_rank_weight, True),
-        ):  # fmt: skip
+    def finish(self, blocks: list[dict[str, Tensor]]) -> tuple[Tensor | None, ...]:
+        """The gradients in _GRADIENTS' order from the blocks' terms, each in its tensor's dtype
+        (None if not requested): row-wise ones joined, the parameters' summed, in fp32 for
+        half-precision parameters."""
+        grads = []
+        for name in _GRADIENTS:
             if not self.need[name]:
-                grads[name] = self.weight.new_empty(0)
-            elif accumulated or zeroed:
-                grads[name] = torch.zeros(like.shape, dtype=_accumulation_dtype(like.dtype), device=like.device)
+                grads.append(None)
+            elif name in _ROW_WISE:
+                grads.append(blocks[0][name] if len(blocks) == 1 else torch.cat([b[name] for b in blocks]))
+            elif len(blocks) == 1:
+                grads.append(blocks[0][name].to(self._dtype(name)))
             else:
-                grads[name] = torch.empty_like(like)
-        return grads
+                summands = [b[name].to(_accumulation_dtype(b[name].dtype)) for b in blocks]
+                grads.append(functools.reduce(torch.add, summands).to(self._dtype(name)))
+        return tuple(grads)
 
-    def finish(self, grads: dict[str, Tensor]) -> tuple[Tensor, ...]:
-        """The gradients in _GRADIENTS' order, each in its tensor's dtype."""
-        dtypes = {"hidden": self.hidden.dtype, "weight": self.weight.dtype, "bias": self.weight.dtype}
-        if self.low_rank is not None:
-            dtypes |= {"low_rank": self.low_rank.dtype, "low_rank_weight": self.low_rank_weight.dtype}
-        return tuple(grads[name].to(dtypes.get(name, grads[name].dtype)) for name in _GRADIENTS)
+    def zeros(self) -> tuple[Tensor, ...]:
+        """Zero gradients where requested, empty tensors elsewhere."""
+        shapes = {"hidden": self.hidden, "weight": self.weight, "bias": self.weight[:, 0],
+                  "low_rank": self.low_rank, "low_rank_weight": self.low_rank_weight}  # fmt: skip
+        return tuple(
+            torch.zeros_like(shapes[name], dtype=self._dtype(name)) if self.need[name] else self.hidden.new_empty(0)
+            for name in _GRADIENTS
+        )
+
+    def _dtype(self, name: str) -> torch.dtype:
+        return {"hidden": self.hidden, "weight": self.weight, "bias": self.weight,
+                "low_rank": self.low_rank, "low_rank_weight": self.low_rank_weight}[name].dtype  # fmt: skip
 
 
 _GRADIENTS = ("hidden", "weight", "bias", "low_rank", "low_rank_weight")
+_ROW_WISE = ("hidden", "low_rank")
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

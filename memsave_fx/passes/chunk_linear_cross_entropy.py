@@ -6,13 +6,16 @@ loss is a scalar: d loss / d logits = tangent * (softmax(logits) - onehot(labels
 and all of it but the tangent is known in the forward. This pass replaces
 `cross_entropy(linear(h, W[, b]) [.float()] [views, a shift], labels)`, as AOTAutograd traces
 it (HF's `ForCausalLMLoss` included: `ignore_index`, mean or sum, a division by
-`num_items_in_batch`), with `memsave::linear_cross_entropy`. That kernel forms the loss and
-its gradients with respect to h, W and b a block of rows at a time in the forward, with no
-more matmuls than stock compilation does in forward and backward together, and the backward
-only scales them by the loss's tangent. The logits, when the graph returns them, are computed
-once, in the same blocks, and not kept. A LoRA'd head (peft's `lora.Linear` on `lm_head`:
-`(h @ W.T + (lora_A(h) @ B.T) * scaling).to(W.dtype)`) is one kernel too, with the gradients
-with respect to lora_A's output and B; lora_A itself stays in the graph.
+`num_items_in_batch`), with `memsave_fx.linear_cross_entropy.linear_cross_entropy`, traced
+into the graph. It forms the loss and its gradients with respect to h, W and b a block of rows
+at a time in the forward, with no more matmuls than stock compilation does in forward and
+backward together, and the backward only scales them by the loss's tangent. Inductor fuses
+each block's log-softmax, loss and gradient as it fuses stock's, so no fp32 block is written,
+and the gradient of one block (in the logits' dtype) is the only vocabulary-wide value the
+forward adds. The logits, when the graph returns them, are computed once and not kept. A LoRA'd
+head (peft's `lora.Linear` on `lm_head`: `(h @ W.T + (lora_A(h) @ B.T) * scaling).to(W.dtype)`)
+is covered too, with the gradients with respect to lora_A's output and B; lora_A itself stays
+in the graph.
 
 When the logits are returned, AOTAutograd's backward also takes their tangent, which autograd
 fills with zeros when only the loss is differentiated: `memsave::linear_backward_unless_zero`
@@ -26,6 +29,7 @@ each with its reason, and the graph left as it is.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import operator
@@ -46,9 +50,11 @@ prims = torch.ops.prims
 memsave = torch.ops.memsave
 log = logging.getLogger(__name__)
 
-# Rows of logits per block: at least this many, so that each block's matmuls stay efficient,
-# and otherwise about as many elements as the hidden states, as Liger-Kernel sizes them.
-MIN_ROWS_PER_CHUNK = 256
+# The rows go in blocks of about this many logits, so that each block's gradient in the
+# logits' dtype (the only vocabulary-wide value the fused kernels write) stays small; at most
+# MAX_CHUNKS blocks, each its own kernels in the graph.
+ELEMENTS_PER_CHUNK = 2**23
+MAX_CHUNKS = 8
 
 _LINEARS = (aten.mm.default, aten.addmm.default)
 _TRANSPOSES = (aten.permute.default, aten.t.default)
@@ -521,21 +527,28 @@ def _linear_backward(term: _Linear) -> tuple[fx.Node | None, fx.Node | None, fx.
 
 
 def _rewrite(graph: fx.Graph, head: _LossHead, plan: _BackwardPlan) -> None:
-    # A constant: with a symbolic row count, sized for the example's.
-    rows, width = (size_hint(d) for d in head.hidden.meta["val"].shape)
-    vocabulary = size_hint(head.weight.meta["val"].shape[0])
-    rows_per_chunk = max(1, min(rows, max(MIN_ROWS_PER_CHUNK, math.ceil(rows * width / vocabulary))))
     target = _target_per_row(graph, head)
     gradients = [g is not None for g in plan.gradients]
     low_rank = head.low_rank
     low_rank_args = (low_rank.input, low_rank.weight, low_rank.scale) if low_rank is not None else (None, None, 1.0)
-    args = (
-        head.hidden, head.weight, head.linear.bias, target, int(head.ignore_index), head.mean,
-        head.log_softmax[-1].meta["val"].dtype, rows_per_chunk, gradients, plan.returned_logits is not None,
-        *low_rank_args, head.logits_dtype,
+    # Constants: with a symbolic row count, sized for the example's.
+    rows = size_hint(head.hidden.meta["val"].shape[0])
+    vocabulary = size_hint(head.weight.meta["val"].shape[0])
+    chunks = max(1, min(MAX_CHUNKS, math.ceil(rows * vocabulary / ELEMENTS_PER_CHUNK)))
+    tensors = {"hidden": head.hidden, "weight": head.weight, "bias": head.linear.bias, "target": target,
+               "low_rank": low_rank_args[0], "low_rank_weight": low_rank_args[1]}  # fmt: skip
+    absent = {name: None for name, node in tensors.items() if node is None}
+    tensors = {name: node for name, node in tensors.items() if node is not None}
+    constants = dict(
+        **absent,
+        ignore_index=int(head.ignore_index), mean=head.mean, dtype=head.log_softmax[-1].meta["val"].dtype,
+        chunks=chunks, gradients=gradients, return_logits=plan.returned_logits is not None,
+        low_rank_scale=low_rank_args[2], logits_dtype=head.logits_dtype,
     )  # fmt: skip
-    fused = _in_forward(insert_call(graph, memsave.linear_cross_entropy.default, args, like=head.loss))
-    loss, *grads, logits = (_in_forward(insert_call(graph, operator.getitem, (fused, i), like=head.loss)) for i in range(7))
+    loss, *grads, logits = _traced_into(
+        graph, functools.partial(_call_with_names, _kernels.linear_cross_entropy, list(tensors), constants),
+        list(tensors.values()), before=head.loss,
+    )  # fmt: skip
     head.loss.replace_all_uses_with(loss)
     if plan.returned_logits is not None:
         graph.output_node().replace_input_with(plan.returned_logits, _returned_view(graph, logits, head, plan.returned_logits))
@@ -559,6 +572,29 @@ def _rewrite(graph: fx.Graph, head: _LossHead, plan: _BackwardPlan) -> None:
         if grad.meta["val"].shape != replaced.meta["val"].shape:
             grad = insert_call(graph, aten.view.default, (grad, list(replaced.meta["val"].shape)), like=replaced)
         replaced.replace_all_uses_with(grad)
+
+
+def _call_with_names(fn, names: list[str], constants: dict, *tensors):
+    return fn(**dict(zip(names, tensors)), **constants)
+
+
+def _traced_into(graph: fx.Graph, fn, inputs: list[fx.Node], *, before: fx.Node) -> tuple[fx.Node | None, ...]:
+    """Trace `fn` over the inputs' fake values, decomposed as Inductor decomposes (so that it
+    fuses the result as it fuses the graph's own ops), and insert its ops before `before`, in the
+    forward; return the nodes of its outputs."""
+    values = [node.meta["val"] for node in inputs]
+    traced = _compat.make_fx(fn, decomposition_table=_compat.select_decomp_table(), tracing_mode="fake")(*values)
+    existing = set(graph.nodes)
+    placeholders = traced.graph.find_nodes(op="placeholder")
+    with graph.inserting_before(before):
+        outputs = graph.graph_copy(traced.graph, dict(zip(placeholders, inputs)))
+    for node in graph.nodes:
+        if node not in existing:
+            for key in _compat.INHERITED_META:
+                if key in before.meta:
+                    node.meta[key] = before.meta[key]
+            _in_forward(node)
+    return tuple(outputs)
 
 
 def _in_forward(node: fx.Node) -> fx.Node:
