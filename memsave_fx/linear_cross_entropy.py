@@ -102,7 +102,7 @@ def linear_backward_unless_zero(
     no matmul when it is all zeros: autograd passes zeros for outputs nobody differentiated, and
     the logits' tangent is one, as large as the logits, whenever only the loss is."""
     head = _Head(hidden, weight, None, low_rank, low_rank_weight, low_rank_scale, grad_output.dtype, gradients)
-    if not grad_output.any():
+    if _all_zero_bits(grad_output):
         return head.zeros()
     # A custom op returns tensors: empty ones for the gradients not requested.
     return tuple(hidden.new_empty(0) if g is None else g for g in head.finish([head.backward(grad_output, slice(None))]))
@@ -186,6 +186,18 @@ class _Head:
                 "low_rank": self.low_rank, "low_rank_weight": self.low_rank_weight}[name].dtype  # fmt: skip
 
 
+def _all_zero_bits(tensor: Tensor) -> bool:
+    """Whether every element is +0: the bits read as integers, whose min and max take one pass
+    (about a tenth of `.any()`'s time on a CPU, which converts to bool first). A -0 counts as
+    nonzero, which costs only the matmuls it would have skipped."""
+    if tensor.numel() == 0:
+        return True
+    bits = tensor.view(_SAME_SIZE_INTEGER[tensor.dtype.itemsize])
+    low, high = torch.aminmax(bits)
+    return bool(low == 0) and bool(high == 0)
+
+
+_SAME_SIZE_INTEGER = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _GRADIENTS = ("hidden", "weight", "bias", "low_rank", "low_rank_weight")
 _ROW_WISE = ("hidden", "low_rank")
 

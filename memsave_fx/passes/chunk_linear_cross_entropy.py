@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 # The rows go in blocks of about this many logits, so that each block's gradient in the
 # logits' dtype (the only vocabulary-wide value the fused kernels write) stays small; at most
 # MAX_CHUNKS blocks, each its own kernels in the graph.
-ELEMENTS_PER_CHUNK = 2**23
+ELEMENTS_PER_CHUNK = 2**22
 MAX_CHUNKS = 8
 
 _LINEARS = (aten.mm.default, aten.addmm.default)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import memsave_fx
 from memsave_fx import MemsaveConfig
 from memsave_fx.analysis import Decision
-from memsave_fx.linear_cross_entropy import linear_backward_unless_zero, linear_cross_entropy
+from memsave_fx.linear_cross_entropy import _all_zero_bits, linear_backward_unless_zero, linear_cross_entropy
 from memsave_fx.passes.chunk_linear_cross_entropy import chunk_linear_cross_entropy
 
 from ..utils import TOLERANCE, assert_grads_close, assert_pass_leaves_graph_unchanged, clone_inputs
@@ -73,6 +73,15 @@ def test_kernel_with_a_lora_term_matches_autograd():
     for got, want in zip((result[1], result[2], result[4], result[5]), expected):
         torch.testing.assert_close(got, want)
     torch.testing.assert_close(result[6], logits.detach())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_all_zero_check_reads_bits(dtype):
+    tangent = torch.zeros(5, 7, dtype=dtype)
+    assert _all_zero_bits(tangent) and _all_zero_bits(tangent.t()) and _all_zero_bits(tangent[:0])
+    for value in (-0.0, 1e-3, -1e-3, float("nan")):  # a -0 is only a matmul not skipped
+        tangent[2, 3] = value
+        assert not _all_zero_bits(tangent), value
 
 
 def test_zero_tangent_skips_the_matmuls_and_others_do_not():
