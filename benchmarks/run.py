@@ -450,7 +450,7 @@ def main() -> None:
     print(table)
     args.results_dir.mkdir(parents=True, exist_ok=True)
     header = (
-        f"# memsave benchmark results\n\n`python benchmarks/run.py {' '.join(sys.argv[1:])}` on {args.device}, "
+        f"# memsave benchmark results\n\n`python benchmarks/run.py {' '.join(_recorded_arguments(sys.argv[1:]))}` on {args.device}, "
         f"torch {torch.__version__}, batch {args.batch}, {steps} interleaved steps.\n"
         f"memsave_lossy: {', '.join(f'{k}={v}' for k, v in LOSSY.items())}.\n\n![saved bytes](results.png)\n\n"
     )
@@ -462,6 +462,20 @@ def main() -> None:
         args.json.write_text(json.dumps(rows, indent=2))
     if failures:
         sys.exit(f"{len(failures)} case(s) failed:\n" + "\n".join(failures))
+
+
+def _recorded_arguments(arguments: list[str]) -> list[str]:
+    """The command line as the results page shows it: without where the JSON went, a local path."""
+    recorded = []
+    skip = False
+    for argument in arguments:
+        if skip:
+            skip = False
+        elif argument == "--json":
+            skip = True
+        elif not argument.startswith("--json="):
+            recorded.append(argument)
+    return recorded
 
 
 if __name__ == "__main__":
