@@ -83,7 +83,7 @@ _INTERNALS: dict[str, tuple[str, str]] = {
 # AOTAutograd's graph conventions, read and written in node.meta
 OUTPUT_DESCRIPTORS = "desc"  # on a graph's output node: what each output is
 DYNAMO_GRAPH_ARGUMENT = "grapharg"  # on a Dynamo placeholder: where the input came from
-_PARTITIONER_TAG = "partitioner_tag"
+PARTITIONER_TAG = "partitioner_tag"  # where the partitioner must place a node
 
 
 class TorchInternalsError(ImportError):
@@ -174,24 +174,24 @@ def tag_for_forward(node: fx.Node) -> None:
 
 
 def is_tagged_for_backward(node: fx.Node) -> bool:
-    return node.meta.get(_PARTITIONER_TAG) == "must_be_in_backward"
+    return node.meta.get(PARTITIONER_TAG) == "must_be_in_backward"
 
 
 _checked_tags: set[str] = set()
 
 
 def _tag(node: fx.Node, tag: str, partitioner_predicate: str) -> None:
-    node.meta[_PARTITIONER_TAG] = tag
+    node.meta[PARTITIONER_TAG] = tag
     if tag in _checked_tags:
         return
     # Once per tag: the partitioner still reads it, else the rewrite's values could be moved.
     predicate = _resolve("torch._functorch.partitioners", partitioner_predicate)
     if not predicate(node):
         raise TorchInternalsError(
-            f"torch {torch.__version__}'s partitioner no longer reads the node tag {_PARTITIONER_TAG}={tag!r}"
+            f"torch {torch.__version__}'s partitioner no longer reads the node tag {PARTITIONER_TAG}={tag!r}"
         )
     _checked_tags.add(tag)
 
 
-INHERITED_META = (_PARTITIONER_TAG, "stack_trace", "seq_nr", "nn_module_stack", "fwd_nn_module_stack")
+INHERITED_META = (PARTITIONER_TAG, "stack_trace", "seq_nr", "nn_module_stack", "fwd_nn_module_stack")
 """Copied onto new nodes so the partitioner places them and tools can attribute them."""

@@ -37,6 +37,7 @@ import operator
 import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
+from torch.utils.checkpoint import CheckpointPolicy
 
 from .. import _compat
 from ..analysis import IS_BACKWARD, IS_FORWARD, is_tangent
@@ -129,6 +130,7 @@ def chunk_linear_cross_entropy(graph: fx.Graph, config: MemsaveConfig) -> list[R
             if head is None:
                 continue  # not a linear layer's logits: no loss head
             plan = _BackwardPlan.of(graph, head)
+            _check_worth_keeping(head, plan)
             _rewrite(graph, head, plan)
         except _Declined as declined:
             rewrite = Rewrite(chunk_linear_cross_entropy.__name__, anchor.name, (), False, str(declined))
@@ -566,6 +568,8 @@ def _rewrite(graph: fx.Graph, head: _LossHead, plan: _BackwardPlan) -> None:
     for index, (replaced, saved) in enumerate(zip(plan.gradients, grads)):
         if replaced is None:
             continue
+        # Kept for the backward, never recomputed there: what they are computed from stays in the forward.
+        saved.meta["recompute"] = CheckpointPolicy.MUST_SAVE
         grad = insert_call(graph, aten.mul.Tensor, (saved, scale), like=replaced)
         if from_tangent is not None:
             grad = insert_call(graph, aten.add.Tensor, (grad, from_tangent[index]), like=replaced)
@@ -574,14 +578,28 @@ def _rewrite(graph: fx.Graph, head: _LossHead, plan: _BackwardPlan) -> None:
         replaced.replace_all_uses_with(grad)
 
 
+def _check_worth_keeping(head: _LossHead, plan: _BackwardPlan) -> None:
+    """Refuse a head whose gradients, which the rewrite keeps for backward, take no fewer bytes
+    than the logits stock compilation keeps: a classifier over a few classes, say."""
+    kept = sum(_nbytes(g) for g in plan.gradients if g is not None)
+    logits = _nbytes(head.logits)
+    if kept >= logits:
+        raise _Declined(f"the gradients formed in the forward ({kept} bytes) would take no fewer bytes than the logits ({logits} bytes)")
+
+
+def _nbytes(node: fx.Node) -> int:
+    value = node.meta["val"]
+    return size_hint(value.numel()) * value.dtype.itemsize
+
+
 def _call_with_names(fn, names: list[str], constants: dict, *tensors):
     return fn(**dict(zip(names, tensors)), **constants)
 
 
 def _traced_into(graph: fx.Graph, fn, inputs: list[fx.Node], *, before: fx.Node) -> tuple[fx.Node | None, ...]:
     """Trace `fn` over the inputs' fake values, decomposed as Inductor decomposes (so that it
-    fuses the result as it fuses the graph's own ops), and insert its ops before `before`, in the
-    forward; return the nodes of its outputs."""
+    fuses the result as it fuses the graph's own ops), and insert its ops before `before`;
+    return the nodes of its outputs."""
     values = [node.meta["val"] for node in inputs]
     traced = _compat.make_fx(fn, decomposition_table=_compat.select_decomp_table(), tracing_mode="fake")(*values)
     existing = set(graph.nodes)
@@ -593,7 +611,10 @@ def _traced_into(graph: fx.Graph, fn, inputs: list[fx.Node], *, before: fx.Node)
             for key in _compat.INHERITED_META:
                 if key in before.meta:
                     node.meta[key] = before.meta[key]
-            _in_forward(node)
+            # Not tagged for the forward: the partitioner may recompute any of it in the backward
+            # (a memory budget, a tiny head), which a forward-only tag would make invalid.
+            node.meta.pop(_compat.PARTITIONER_TAG, None)
+            node.meta[IS_FORWARD], node.meta[IS_BACKWARD] = True, False
     return tuple(outputs)
 
 

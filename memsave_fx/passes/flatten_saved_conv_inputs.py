@@ -81,8 +81,9 @@ def _flatten(
     flat = insert_call(graph, aten._unsafe_view.default, (primal, [primal.meta["val"].numel()]), like=first_user)
     _compat.tag_for_forward(flat)
     flat.meta["recompute"] = CheckpointPolicy.MUST_SAVE
+    # Untagged: a recomputation of the convolution in the backward (activation checkpointing,
+    # a memory budget) reads it there from the saved `flat`.
     for_forward = insert_call(graph, aten.view.default, (flat, shape), like=first_user)
-    _compat.tag_for_forward(for_forward)
     for user in forward_users:
         user.replace_input_with(primal, for_forward)
     first_backward_user = next(n for n in graph.nodes if n in backward_users)

@@ -370,6 +370,42 @@ def test_z_loss_is_declined():
     assert not rewrites(backend) and any("z-loss" in r.reason for r in declined), declined
 
 
+class _Classifier(nn.Module):
+    """Pooled features through a linear layer over 4 classes: logits no larger than h."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU())
+        self.classes = nn.Linear(8, 4)
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.classes(self.body(images).mean((2, 3))), labels)
+
+
+def classifier_inputs() -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(4)
+    return [torch.randn(4, 3, 10, 10, generator=generator).requires_grad_(), torch.randint(0, 4, (4,), generator=generator)]
+
+
+def test_a_head_whose_gradients_outweigh_its_logits_is_declined():
+    model, inputs = _Classifier(), classifier_inputs()
+    assert_pass_leaves_graph_unchanged(chunk_linear_cross_entropy, model, inputs, decomposed=True)
+    backend = memsave_fx.backend()
+    assert_grads_close(head_step(copy.deepcopy(model), backend, clone_inputs(inputs)), head_step(copy.deepcopy(model), None, clone_inputs(inputs)))
+    declined = rewrites(backend, applied=False)
+    assert not rewrites(backend) and any("no fewer bytes than the logits" in r.reason for r in declined), declined
+
+
+def test_gradients_formed_in_the_forward_are_never_recomputed(monkeypatch):
+    # Applied where the partitioner would rather keep the tiny logits' gradient and recompute the
+    # hidden state's from it, in the backward, from forward-only values: the gradients are kept.
+    monkeypatch.setattr(pass_module, "_check_worth_keeping", lambda head, plan: None)
+    model, inputs = _Classifier(), classifier_inputs()
+    backend = memsave_fx.backend()
+    assert_grads_close(head_step(copy.deepcopy(model), backend, clone_inputs(inputs)), head_step(copy.deepcopy(model), None, clone_inputs(inputs)))
+    assert len(rewrites(backend)) == 1
+
+
 def test_option_takes_booleans_only():
     with pytest.raises(ValueError, match="chunked_loss"):
         MemsaveConfig(chunked_loss="yes")
