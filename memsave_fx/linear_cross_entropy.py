@@ -174,16 +174,15 @@ class _Head:
 
     def zeros(self) -> tuple[Tensor, ...]:
         """Zero gradients where requested, empty tensors elsewhere."""
-        shapes = {"hidden": self.hidden, "weight": self.weight, "bias": self.weight[:, 0],
-                  "low_rank": self.low_rank, "low_rank_weight": self.low_rank_weight}  # fmt: skip
-        return tuple(
-            torch.zeros_like(shapes[name], dtype=self._dtype(name)) if self.need[name] else self.hidden.new_empty(0)
-            for name in _GRADIENTS
-        )
+        return tuple(torch.zeros_like(self._like(name)) if self.need[name] else self.hidden.new_empty(0) for name in _GRADIENTS)
+
+    def _like(self, name: str) -> Tensor:
+        """A tensor shaped and typed as the gradient `name`."""
+        return {"hidden": self.hidden, "weight": self.weight, "bias": self.weight[:, 0],
+                "low_rank": self.low_rank, "low_rank_weight": self.low_rank_weight}[name]  # fmt: skip
 
     def _dtype(self, name: str) -> torch.dtype:
-        return {"hidden": self.hidden, "weight": self.weight, "bias": self.weight,
-                "low_rank": self.low_rank, "low_rank_weight": self.low_rank_weight}[name].dtype  # fmt: skip
+        return self._like(name).dtype
 
 
 def _all_zero_bits(tensor: Tensor) -> bool:

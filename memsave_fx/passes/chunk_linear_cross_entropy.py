@@ -43,7 +43,7 @@ from .. import _compat
 from ..analysis import IS_BACKWARD, IS_FORWARD, is_tangent
 from ..config import MemsaveConfig
 from .. import linear_cross_entropy as _kernels  # registers the memsave:: ops
-from ..memory import size_hint
+from ..memory import allocation_nbytes, size_hint
 from .base import Rewrite, insert_call, is_view
 
 aten = torch.ops.aten
@@ -581,15 +581,10 @@ def _rewrite(graph: fx.Graph, head: _LossHead, plan: _BackwardPlan) -> None:
 def _check_worth_keeping(head: _LossHead, plan: _BackwardPlan) -> None:
     """Refuse a head whose gradients, which the rewrite keeps for backward, take no fewer bytes
     than the logits stock compilation keeps: a classifier over a few classes, say."""
-    kept = sum(_nbytes(g) for g in plan.gradients if g is not None)
-    logits = _nbytes(head.logits)
+    kept = sum(allocation_nbytes(g) for g in plan.gradients if g is not None)
+    logits = allocation_nbytes(head.logits)
     if kept >= logits:
         raise _Declined(f"the gradients formed in the forward ({kept} bytes) would take no fewer bytes than the logits ({logits} bytes)")
-
-
-def _nbytes(node: fx.Node) -> int:
-    value = node.meta["val"]
-    return size_hint(value.numel()) * value.dtype.itemsize
 
 
 def _call_with_names(fn, names: list[str], constants: dict, *tensors):
