@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import inspect
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -56,6 +56,7 @@ _INTERNALS: dict[str, tuple[str, str]] = {
     "OpTypes": ("torch._functorch.partitioners", "OpTypes"),
     "get_default_op_list": ("torch._functorch.partitioners", "get_default_op_list"),
     "functorch_config": ("torch._functorch", "config"),
+    "partitioner_size_of": ("torch._functorch.partitioners", "_size_of"),  # bytes it prices a value at
     # Inductor: the pass and partitioner hooks, compile entry points, layout decisions
     "CustomGraphPass": ("torch._inductor.custom_graph_pass", "CustomGraphPass"),
     "CustomPartitionerFn": ("torch._inductor.custom_graph_pass", "CustomPartitionerFn"),
@@ -142,6 +143,19 @@ def autograd_cache_disabled() -> Iterator[None]:
 def autograd_cache_hits() -> int:
     """How many graphs AOTAutograd's cache has served in this process."""
     return __getattr__("counters")["aot_autograd"]["autograd_cache_hit"]
+
+
+@contextlib.contextmanager
+def partitioner_sizes(size_of: Callable[[fx.Node, Callable[[fx.Node], int]], int]) -> Iterator[None]:
+    """The min-cut partitioner prices each value at `size_of(node, its_own_size_of)` bytes, in
+    its cuts and in its memory-budget knapsack alike."""
+    module = importlib.import_module("torch._functorch.partitioners")
+    own = __getattr__("partitioner_size_of")
+    module._size_of = lambda node: size_of(node, own)
+    try:
+        yield
+    finally:
+        module._size_of = own
 
 
 def inductor_compiler(mode: str | None, options: dict[str, Any]) -> Any:

@@ -111,8 +111,13 @@ _OutputDeps = dict[str, frozenset[int]]
 
 
 def _convolution_backward_deps(node: fx.Node) -> _OutputDeps:
-    # Outputs: grad_input, grad_weight, grad_bias. grad_input needs only the input's shape.
-    return {"input": frozenset({1}), "weight": frozenset({0})}
+    # Outputs: grad_input, grad_weight, grad_bias. grad_input needs only the input's shape,
+    # grad_weight only the weight's; an output the mask leaves out is not computed at all.
+    grad_input, grad_weight, _ = node.args[10] if len(node.args) > 10 else node.kwargs["output_mask"]
+    return {
+        "input": frozenset({1}) if grad_weight else frozenset(),
+        "weight": frozenset({0}) if grad_input else frozenset(),
+    }
 
 
 def _native_batch_norm_backward_deps(node: fx.Node) -> _OutputDeps:

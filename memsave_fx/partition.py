@@ -12,6 +12,10 @@ the neighbouring kernels on CPU and GPU. Float also sidesteps Inductor's C++ boo
 is slow (measured here on 512k elements: a compare-and-store kernel took 3 ms writing bool,
 0.06 ms writing uint8 through float; a `where` took 1.06 ms reading bool, 0.06 ms reading uint8
 through float).
+
+The partitioner prices each value as it will cross, a mask at its packed size. Its cuts then
+weigh a mask as what it costs, and `torch._functorch.config.activation_memory_budget` is a
+fraction of what memsave keeps at budget 1 (packed), not of what stock compilation keeps.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -66,7 +70,13 @@ class MemsavePartitioner(CustomPartitionerFn):
     def __call__(
         self, gm: fx.GraphModule, joint_inputs: Sequence[object], **kwargs: Any
     ) -> tuple[fx.GraphModule, fx.GraphModule]:
-        forward, backward = _compat.min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
+        if self.pack_masks:
+            # Priced as they will cross, so that the cut and the memory budget's knapsack weigh
+            # a mask at its packed size, and the budget is a fraction of what memsave keeps.
+            with _compat.partitioner_sizes(_packed_size_of):
+                forward, backward = _compat.min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
+        else:
+            forward, backward = _compat.min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
         packed = pack_saved_masks(forward, backward) if self.pack_masks else 0
         if packed:
             forward.recompile()
@@ -161,6 +171,14 @@ def pack_saved_masks(forward: fx.GraphModule, backward: fx.GraphModule) -> int:
         output.args = (tuple(outputs), *output.args[1:])
         log.debug("packed %d saved masks and offsets", packed_count)
     return packed_count
+
+
+def _packed_size_of(node: fx.Node, size_of: Callable[[fx.Node], int]) -> int:
+    """Bytes `node` takes across the partition once `pack_saved_masks` packs it."""
+    code = _code_of(node)
+    if code is None:
+        return size_of(node)
+    return -(-node.meta["val"].numel() * code[0] // _BYTE)
 
 
 def _code_of(node: object) -> tuple[int, str] | None:

@@ -72,7 +72,6 @@ def test_memory_budget_keeps_gradients_exact_and_no_more_than_stock(budget_runs,
     assert runs["memsave"][1] <= runs["inductor"][1], (runs["memsave"][1], runs["inductor"][1])
 
 
-@pytest.mark.xfail(strict=True, reason="issue 22: the budget is scaled against stock's saved set, not memsave's (66048, 114688, 49152 bytes at 1.0, 0.5, 0.2)")
 def test_memory_budget_saved_bytes_fall_as_the_budget_falls(budget_runs):
     saved = [budget_runs[budget]["memsave"][1] for budget in (1.0, 0.5, 0.2)]
     assert saved == sorted(saved, reverse=True), saved
@@ -81,7 +80,6 @@ def test_memory_budget_saved_bytes_fall_as_the_budget_falls(budget_runs):
 # --- Inductor's conv-BN folding in eval mode -----------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="issue 22: the folded weights are kept, not rebuilt in the backward (66912 bytes folded, 66048 not)")
 def test_conv_bn_folding_keeps_no_more_and_stays_exact():
     model = inverted_residual_net()
     plain = steps(model)

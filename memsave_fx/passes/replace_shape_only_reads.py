@@ -5,6 +5,10 @@ Pooling and padding backwards (`avg_pool2d_backward(grad_output, self, ...)`,
 its size and layout. Their kernels never read its data, yet the edge makes the partitioner
 keep it. This pass hands them an uninitialised `empty_strided` of the same size, strides,
 dtype and device, created in the backward: an allocation, never a fill.
+
+`convolution_backward` without the input gradient reads the weight only for its shape. A
+weight computed in the forward (Inductor's conv-BN folding in eval mode, a weight-norm
+reparametrisation) is then kept for nothing; a parameter is an input, kept anyway, so it stays.
 """
 
 from __future__ import annotations
@@ -23,13 +27,23 @@ from .base import Rewrite, insert_call
 aten = torch.ops.aten
 log = logging.getLogger(__name__)
 
+_CONVOLUTION_WEIGHT = 2  # convolution_backward(grad_output, input, weight, ...)
+
 
 def replace_shape_only_reads(graph: fx.Graph, config: MemsaveConfig) -> list[Rewrite]:
     rewrites = []
     for node in graph.nodes:
-        if node.target not in SHAPE_ONLY_BACKWARD_OPS or not node.meta[IS_BACKWARD]:
+        if not node.meta[IS_BACKWARD]:
             continue
-        for index, source in enumerate(node.args):
+        if node.target in SHAPE_ONLY_BACKWARD_OPS:
+            candidates = enumerate(node.args)
+        elif node.target is aten.convolution_backward.default:
+            candidates = [(_CONVOLUTION_WEIGHT, node.args[_CONVOLUTION_WEIGHT])]
+            if candidates[0][1].op == "placeholder":
+                continue
+        else:
+            continue
+        for index, source in candidates:
             if not isinstance(source, fx.Node) or source.meta[IS_BACKWARD]:
                 continue
             argument = node.target._schema.arguments[index].name

@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -74,3 +76,45 @@ def test_data_reads_leave_graph_unchanged():
     # Softplus reads its input's data for the gradient: nothing here is shape-only.
     model = nn.Sequential(nn.Softplus(), nn.Linear(4, 3))
     assert_pass_leaves_graph_unchanged(replace_shape_only_reads, model, [torch.randn(2, 4, requires_grad=True)])
+
+
+class ScaledWeightConv(nn.Module):
+    """A convolution of a weight computed in the forward (as Inductor's conv-BN folding or a
+    weight-norm reparametrisation computes one) on an input that needs no gradient."""
+
+    def __init__(self, dtype=torch.float32) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.weight = nn.Parameter(torch.randn(6, 3, 3, 3, dtype=dtype))
+        self.scale = nn.Parameter(torch.rand(6, 1, 1, 1, dtype=dtype) + 0.5)
+
+    def forward(self, x):
+        return nn.functional.conv2d(x, self.weight * self.scale, padding=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("trained", ["both", "weight", "scale"])
+def test_computed_conv_weight_read_only_for_its_shape(trained, dtype):
+    model = ScaledWeightConv(dtype)
+    model.weight.requires_grad_(trained != "scale")
+    model.scale.requires_grad_(trained != "weight")
+    inputs = [torch.randn(2, 3, 8, 8, dtype=dtype)]
+    backend = memsave_fx.backend(compiler="eager")
+    assert_grads_match(model, inputs, backend, reference="aot_eager")
+    (rewrite,) = [r for r in backend.compiled[0].rewrites if r.pass_name == "replace_shape_only_reads"]
+    assert rewrite.applied and "only for its shape" in rewrite.reason, rewrite
+    # What stays is the input (the weight's gradient reads it) and the scale, never the product.
+    weight_nbytes = model.weight.numel() * model.weight.element_size()
+    stock = saved_bytes_of(copy.deepcopy(model), inputs, "aot_eager")
+    assert saved_bytes_of(copy.deepcopy(model), inputs, memsave_fx.backend(compiler="eager")) <= stock - weight_nbytes
+
+
+def test_parameter_conv_weight_is_left_alone():
+    # A parameter weight is a graph input, kept anyway: a stand-in would only add an allocation.
+    model = nn.Sequential(nn.Conv2d(3, 4, 3))
+    assert_pass_leaves_graph_unchanged(replace_shape_only_reads, model, [torch.randn(2, 3, 6, 6)])
+
+
+def test_conv_weight_read_for_the_input_gradient_is_kept():
+    model = ScaledWeightConv()
+    assert_pass_leaves_graph_unchanged(replace_shape_only_reads, model, [torch.randn(2, 3, 8, 8, requires_grad=True)])
