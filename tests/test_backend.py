@@ -197,6 +197,29 @@ def test_caches_do_not_serve_graphs_compiled_under_other_settings():
     assert saved["memsave"].pop() < saved["inductor"].pop()
 
 
+@pytest.mark.skipif(torch._inductor.config.force_disable_caches, reason="Inductor's caches are switched off")
+def test_a_warm_compile_is_served_from_inductors_graph_cache_as_stock_is():
+    """A second process (here: Dynamo reset) compiling the same model finds both the forward
+    and the backward in Inductor's FX graph cache, under memsave as under stock Inductor, and
+    the served graphs give eager's gradients."""
+    from torch._inductor.utils import fresh_cache
+
+    model, inputs = small_frozen_convnet()
+    inputs[0].requires_grad_(True)
+    served = {}
+    with fresh_cache():
+        for name in ("inductor", "memsave"):
+            for compile_ in ("cold", "warm"):
+                torch._dynamo.reset()
+                torch._dynamo.utils.counters.clear()
+                backend = memsave_fx.backend() if name == "memsave" else name
+                assert_grads_match(model, inputs, backend)
+                counters = torch._dynamo.utils.counters["inductor"]
+                served[name, compile_] = (counters["fxgraph_cache_hit"], counters["fxgraph_cache_miss"], counters["fxgraph_cache_bypass"])
+    assert served["inductor", "cold"] == served["memsave", "cold"] == (0, 2, 0), served
+    assert served["inductor", "warm"] == served["memsave", "warm"] == (2, 0, 0), served
+
+
 def test_step_with_plain_backend_string():
     model, inputs = small_frozen_convnet()
     inputs[0].requires_grad_(True)
