@@ -12,7 +12,10 @@ CNN. One row per model, case and backend:
 - rss_peak_bytes (CPU, run under MALLOC_MMAP_THRESHOLD_=65536, so that freed tensors leave the
   resident set; else null): the resident-set high-water mark over one forward and backward,
   reset through /proc/self/clear_refs, less the resident set before the step;
-- step_ms: the median of interleaved steps; compile_s: the first step minus a median step;
+- step_ms: the median of interleaved steps; compile_s: the first step minus a median step,
+  Inductor's caches off (each backend compiles a small model first, so that none pays for
+  the process's first compile), and compile_vs_inductor: compile_s over stock Inductor's for
+  the same model and case, summarised below the table as a geometric mean and maximum;
 - grad_error: the largest gradient difference, relative to the largest gradient, and
   grad_cosine: the cosine similarity of all gradients together; against stock Inductor for the
   compiled backends and against eager PyTorch for eager ones (each side draws dropout masks
@@ -33,6 +36,7 @@ import copy
 import dataclasses
 import gc
 import json
+import math
 import os
 import statistics
 import sys
@@ -263,6 +267,20 @@ def compiled(backend: str, model: nn.Module) -> Callable[..., torch.Tensor]:
     return torch.compile(model, backend=memsave_fx.backend(**options))
 
 
+def warm_up(backends: list[str], device: str) -> None:
+    """Compile a small model with each compiling backend once: the first compile in a process
+    also loads Inductor and its C++ toolchain, which would count against whichever backend the
+    first case measures first."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2)).to(device)
+    x = torch.randn(2, 3, 8, 8, device=device)
+    for backend in backends:
+        if backend not in ("eager", "convert"):
+            torch._dynamo.reset()
+            with torch._inductor.config.patch(force_disable_caches=True):
+                compiled(backend, copy.deepcopy(model))(x).sum().backward()
+    torch._dynamo.reset()
+
+
 def measure(
     name: str, case: Case, backends: list[str], steps: int, device: str, batch: int, estimate_peaks: bool
 ) -> list[dict]:
@@ -295,9 +313,11 @@ def measure(
     measured = any(peaks.values())
     estimated = _estimated_peaks(backends, model, inputs) if estimate_peaks and not measured else {}
     rows = []
+    compile_s = {backend: max(run["first"] - statistics.median(times[backend]), 0.0) for backend, run in runs.items()}
     for backend, run in runs.items():
         reference = runs.get("eager" if backend in ("eager", "convert") else "inductor")
         step = statistics.median(times[backend])
+        compiles = backend not in ("eager", "convert")
         peak = max(peaks[backend]) if peaks[backend] else estimated.get(backend)
         estimate = backend in estimated
         rows.append({
@@ -305,7 +325,8 @@ def measure(
             "saved_bytes": run["saved"],
             "peak_bytes": peak, "peak_is_estimate": estimate, "rss_peak_bytes": rss_peaks.get(backend),
             "step_ms": step * 1e3,
-            "compile_s": max(run["first"] - step, 0.0) if backend not in ("eager", "convert") else 0.0,
+            "compile_s": compile_s[backend] if compiles else 0.0,
+            "compile_vs_inductor": compile_s[backend] / compile_s["inductor"] if compiles and compile_s.get("inductor") else None,
             "grad_error": _relative_error(run["grads"], reference["grads"]) if reference is not None else None,
             "grad_cosine": _cosine(run["grads"], reference["grads"]) if reference is not None else None,
         })  # fmt: skip
@@ -362,8 +383,8 @@ def markdown(rows: list[dict]) -> str:
     """One table row per model, case and backend, with saved bytes relative to eager."""
     eager = {(r["model"], r["case"]): r["saved_bytes"] for r in rows if r["backend"] == "eager"}
     lines = [
-        "| model | case | backend | saved MiB | vs eager | peak MiB | RSS peak MiB | step ms | compile s | grad error | grad cosine |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | case | backend | saved MiB | vs eager | peak MiB | RSS peak MiB | step ms | compile s | compile vs Inductor | grad error | grad cosine |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         base = eager.get((r["model"], r["case"]))
@@ -374,9 +395,27 @@ def markdown(rows: list[dict]) -> str:
         rss = "-" if r.get("rss_peak_bytes") is None else f"{r['rss_peak_bytes'] / 2**20:.1f}"
         lines.append(
             f"| {r['model']} | {r['case']} | {r['backend']} | {r['saved_bytes'] / 2**20:.2f} | {ratio} | {peak} | {rss} "
-            f"| {r['step_ms']:.1f} | {r['compile_s']:.1f} | {error} | {cosine} |"
+            f"| {r['step_ms']:.1f} | {r['compile_s']:.1f} | {_ratio(r.get('compile_vs_inductor'))} | {error} | {cosine} |"
         )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + compile_summary(rows)
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def compile_summary(rows: list[dict]) -> str:
+    """Each compiling backend's cold compile over stock Inductor's: geometric mean and maximum
+    over the models and cases measured."""
+    lines = []
+    for backend in BACKENDS:
+        ratios = [(r["compile_vs_inductor"], f"{r['model']} / {r['case']}") for r in rows if r["backend"] == backend and r.get("compile_vs_inductor")]
+        if backend == "inductor" or not ratios:
+            continue
+        mean = math.exp(statistics.fmean(math.log(ratio) for ratio, _ in ratios))
+        worst, where = max(ratios)
+        lines.append(f"- {backend}: cold compile {mean:.2f}x Inductor's (geometric mean of {len(ratios)}), at most {worst:.2f}x ({where})\n")
+    return "\n" + "".join(lines) if lines else ""
 
 
 def chart(rows: list[dict], path: Path, ceiling: float = 2.0) -> None:
@@ -434,6 +473,7 @@ def main() -> None:
 
     rows: list[dict] = []
     failures: list[str] = []
+    warm_up(args.backends, args.device)
     for name in args.models:
         cases = args.cases or (QUICK.get(name, []) if args.quick else list(CASES))
         for case in (CASES[c] for c in cases):

@@ -20,7 +20,9 @@ def rows(tmp_path_factory):
         "--steps", "2", "--json", str(out / "rows.json"), "--results-dir", str(out),
     ]  # fmt: skip
     subprocess.run(command, check=True, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert (out / "results.md").read_text().count("| cnn | all |") == 5
+    page = (out / "results.md").read_text()
+    assert page.count("| cnn | all |") == 5
+    assert "- memsave: cold compile " in page and "Inductor's (geometric mean of 1)" in page
     assert (out / "results.png").read_bytes().startswith(b"\x89PNG")
     return {row["backend"]: row for row in json.loads((out / "rows.json").read_text())}
 
@@ -30,6 +32,8 @@ def test_every_backend_reports_every_metric(rows):
     for row in rows.values():
         assert row["saved_bytes"] > 0 and row["step_ms"] > 0 and row["grad_error"] is not None
         assert row["peak_is_estimate"] == (row["backend"] in ("inductor", "memsave", "memsave_lossy"))
+        compiles = row["backend"] in ("inductor", "memsave", "memsave_lossy")
+        assert (row["compile_vs_inductor"] > 0) if compiles else row["compile_vs_inductor"] is None, row
 
 
 def test_exact_backends_agree_and_keep_less(rows):
@@ -53,6 +57,7 @@ def test_a_failing_case_is_reported_and_the_others_still_written(tmp_path, monke
         ]  # fmt: skip
 
     monkeypatch.setattr(run, "measure", measure)
+    monkeypatch.setattr(run, "warm_up", lambda backends, device: None)
     monkeypatch.setattr(sys, "argv", ["run.py", "--models", "cnn", "--cases", "all", "surgical_first",
                                       "--backends", "eager", "memsave", "--results-dir", str(tmp_path)])  # fmt: skip
     with pytest.raises(SystemExit, match=r"1 case\(s\) failed:\ncnn / surgical_first: RuntimeError: boom"):
@@ -60,6 +65,18 @@ def test_a_failing_case_is_reported_and_the_others_still_written(tmp_path, monke
     page = (tmp_path / "results.md").read_text()
     assert "- cnn / surgical_first: RuntimeError: boom" in page
     assert page.count("| cnn | all |") == 2 and "| cnn | surgical_first |" not in page
+
+
+def test_compile_summary_is_the_geometric_mean_and_the_worst_case():
+    from benchmarks.run import compile_summary
+
+    rows = [
+        {"model": "cnn", "case": "all", "backend": "inductor", "compile_vs_inductor": 1.0},
+        {"model": "cnn", "case": "all", "backend": "memsave", "compile_vs_inductor": 2.0},
+        {"model": "vit", "case": "lora", "backend": "memsave", "compile_vs_inductor": 0.5},
+        {"model": "vit", "case": "lora", "backend": "eager", "compile_vs_inductor": None},
+    ]
+    assert compile_summary(rows) == "\n- memsave: cold compile 1.00x Inductor's (geometric mean of 2), at most 2.00x (cnn / all)\n"
 
 
 @pytest.mark.parametrize("name", WORKLOADS)
