@@ -52,7 +52,7 @@ def flatten_saved_conv_inputs(graph: fx.Graph, config: MemsaveConfig) -> list[Re
         forward_users = [u for u in primal.users if not u.meta[IS_BACKWARD]]
         if not backward_users or not forward_users:
             continue
-        if any(u.target is not aten.convolution.default for u in forward_users):
+        if not all(map(_feeds_convolution, forward_users)):
             continue  # only a convolution input gets re-strided; others keep their layout
         if any(u.meta.get("recompute") in _RECOMPUTED for u in forward_users):
             # Activation checkpointing: the partitioner reruns the convolution in the backward,
@@ -71,6 +71,14 @@ def flatten_saved_conv_inputs(graph: fx.Graph, config: MemsaveConfig) -> list[Re
         rewrites.append(_flatten(graph, primal, forward_users, backward_users))
         log.debug("%s: %s", primal.name, rewrites[-1].reason)
     return rewrites
+
+
+def _feeds_convolution(user: fx.Node) -> bool:
+    """A convolution, or a product whose every user is one: the layout a convolution asks of
+    its input reaches through a fold (Inductor's conv-BN folding scales the weight)."""
+    if user.target is aten.convolution.default:
+        return True
+    return user.target is aten.mul.Tensor and bool(user.users) and all(u.target is aten.convolution.default for u in user.users)
 
 
 def _flatten(

@@ -75,3 +75,24 @@ def test_leaves_channels_last_and_depthwise_weights_alone(memory_format):
     model[2].weight.requires_grad_(False)
     x = torch.randn(2, 4, 8, 8).to(memory_format=torch.channels_last).requires_grad_()
     assert_pass_leaves_graph_unchanged(flatten_saved_conv_inputs, model, [x], decomposed=True)
+
+
+class FoldedConv(nn.Module):
+    """A frozen convolution of a per-channel scaled weight, as Inductor's conv-BN folding
+    computes one: the backward rebuilds the product from the weight for the input gradient."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.weight = nn.Parameter(torch.randn(8, 3, 3, 3), requires_grad=False)
+        self.scale = nn.Parameter(torch.rand(8, 1, 1, 1) + 0.5, requires_grad=False)
+
+    def forward(self, x):
+        return nn.functional.conv2d(x, self.weight * self.scale, padding=1)
+
+
+def test_a_weight_scaled_before_its_convolution_is_saved_as_itself():
+    model, inputs = FoldedConv(), [torch.randn(2, 3, 10, 10, requires_grad=True)]
+    assert_grads_match(model, inputs, memsave_fx.backend())
+    assert model.weight.untyped_storage().data_ptr() in saved_storages(model, inputs, memsave_fx.backend())
+    assert model.weight.untyped_storage().data_ptr() not in saved_storages(model, inputs, "inductor")
