@@ -505,15 +505,16 @@ def main() -> None:
 
 
 def _recorded_arguments(arguments: list[str]) -> list[str]:
-    """The command line as the results page shows it: without where the JSON went, a local path."""
+    """The command line as the results page shows it: without where the JSON and the page
+    went, local paths."""
     recorded = []
     skip = False
     for argument in arguments:
         if skip:
             skip = False
-        elif argument == "--json":
+        elif argument in ("--json", "--results-dir"):
             skip = True
-        elif not argument.startswith("--json="):
+        elif not argument.startswith(("--json=", "--results-dir=")):
             recorded.append(argument)
     return recorded
 

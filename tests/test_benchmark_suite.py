@@ -23,6 +23,7 @@ def rows(tmp_path_factory):
     page = (out / "results.md").read_text()
     assert page.count("| cnn | all |") == 5
     assert "- memsave: cold compile " in page and "Inductor's (geometric mean of 1)" in page
+    assert str(out) not in page  # no local path on the results page
     assert (out / "results.png").read_bytes().startswith(b"\x89PNG")
     return {row["backend"]: row for row in json.loads((out / "rows.json").read_text())}
 
