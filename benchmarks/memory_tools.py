@@ -88,7 +88,7 @@ def main() -> None:
     print(table)
     args.results_dir.mkdir(parents=True, exist_ok=True)
     header = (
-        f"# memsave with PyTorch's memory tools\n\n`python benchmarks/memory_tools.py {' '.join(_recorded_arguments(sys.argv[1:]))}`, "
+        f"# memsave with PyTorch's memory tools\n\n`{' '.join(['python benchmarks/memory_tools.py', *_recorded_arguments(sys.argv[1:])])}`, "
         f"torch {torch.__version__}, batch {args.batch}, images {args.size}x{args.size}. Saved MiB: what one step keeps "
         "for backward (parameters and buffers excluded). Gradient error: the largest difference from eager PyTorch, "
         "relative to the largest gradient.\n\n"
