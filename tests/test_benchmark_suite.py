@@ -85,3 +85,12 @@ def test_every_workload_builds_and_trains(name):
     model, inputs, description = build(name, batch=2, size=32)
     model(*inputs).float().square().mean().backward()
     assert description and any(p.grad is not None for p in model.parameters())
+
+
+def test_memory_tools_table_gives_both_backends_and_their_ratio():
+    from benchmarks.memory_tools import SETTINGS, markdown
+
+    assert {"default", "budget 0.5", "budget 0.2", "conv-BN folding"} == set(SETTINGS)
+    row = {"workload": "resnet_stem", "setting": "budget 0.5", "inductor": 4 * 2**20, "memsave": 2**20,
+           "inductor_error": 1e-7, "memsave_error": 2e-7}  # fmt: skip
+    assert markdown([row]).splitlines()[-1] == "| resnet_stem | budget 0.5 | 4.00 | 1.00 | 0.25x | 1.0e-07, 2.0e-07 |"
