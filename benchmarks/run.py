@@ -313,10 +313,11 @@ def measure(
     measured = any(peaks.values())
     estimated = _estimated_peaks(backends, model, inputs) if estimate_peaks and not measured else {}
     rows = []
-    compile_s = {backend: max(run["first"] - statistics.median(times[backend]), 0.0) for backend, run in runs.items()}
+    step_s = {backend: statistics.median(times[backend]) for backend in runs}
+    compile_s = {backend: max(run["first"] - step_s[backend], 0.0) for backend, run in runs.items()}
     for backend, run in runs.items():
         reference = runs.get("eager" if backend in ("eager", "convert") else "inductor")
-        step = statistics.median(times[backend])
+        step = step_s[backend]
         compiles = backend not in ("eager", "convert")
         peak = max(peaks[backend]) if peaks[backend] else estimated.get(backend)
         estimate = backend in estimated

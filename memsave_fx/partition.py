@@ -20,6 +20,7 @@ fraction of what memsave keeps at budget 1 (packed), not of what stock compilati
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import operator
@@ -70,12 +71,10 @@ class MemsavePartitioner(CustomPartitionerFn):
     def __call__(
         self, gm: fx.GraphModule, joint_inputs: Sequence[object], **kwargs: Any
     ) -> tuple[fx.GraphModule, fx.GraphModule]:
-        if self.pack_masks:
-            # Priced as they will cross, so that the cut and the memory budget's knapsack weigh
-            # a mask at its packed size, and the budget is a fraction of what memsave keeps.
-            with _compat.partitioner_sizes(_packed_size_of):
-                forward, backward = _compat.min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
-        else:
+        # Priced as they will cross, so that the cut and the memory budget's knapsack weigh a
+        # mask at its packed size, and the budget is a fraction of what memsave keeps.
+        pricing = _compat.partitioner_sizes(_packed_size_of) if self.pack_masks else contextlib.nullcontext()
+        with pricing:
             forward, backward = _compat.min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
         packed = pack_saved_masks(forward, backward) if self.pack_masks else 0
         if packed:

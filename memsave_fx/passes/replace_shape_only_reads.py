@@ -37,10 +37,8 @@ def replace_shape_only_reads(graph: fx.Graph, config: MemsaveConfig) -> list[Rew
             continue
         if node.target in SHAPE_ONLY_BACKWARD_OPS:
             candidates = enumerate(node.args)
-        elif node.target is aten.convolution_backward.default:
+        elif node.target is aten.convolution_backward.default and node.args[_CONVOLUTION_WEIGHT].op != "placeholder":
             candidates = [(_CONVOLUTION_WEIGHT, node.args[_CONVOLUTION_WEIGHT])]
-            if candidates[0][1].op == "placeholder":
-                continue
         else:
             continue
         for index, source in candidates:
