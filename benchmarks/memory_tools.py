@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import memsave_fx  # noqa: E402
 from benchmarks.bench_backends import loss_of  # noqa: E402
-from benchmarks.run import _recorded_arguments, _relative_error as relative_error  # noqa: E402
+from benchmarks.run import _relative_error as relative_error, recorded_command  # noqa: E402
 from benchmarks.workloads import WORKLOADS, build  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -88,7 +88,7 @@ def main() -> None:
     print(table)
     args.results_dir.mkdir(parents=True, exist_ok=True)
     header = (
-        f"# memsave with PyTorch's memory tools\n\n`{' '.join(['python benchmarks/memory_tools.py', *_recorded_arguments(sys.argv[1:])])}`, "
+        f"# memsave with PyTorch's memory tools\n\n`{recorded_command('benchmarks/memory_tools.py', sys.argv[1:])}`, "
         f"torch {torch.__version__}, batch {args.batch}, images {args.size}x{args.size}. Saved MiB: what one step keeps "
         "for backward (parameters and buffers excluded). Gradient error: the largest difference from eager PyTorch, "
         "relative to the largest gradient.\n\n"

@@ -491,7 +491,7 @@ def main() -> None:
     print(table)
     args.results_dir.mkdir(parents=True, exist_ok=True)
     header = (
-        f"# memsave benchmark results\n\n`python benchmarks/run.py {' '.join(_recorded_arguments(sys.argv[1:]))}` on {args.device}, "
+        f"# memsave benchmark results\n\n`{recorded_command('benchmarks/run.py', sys.argv[1:])}` on {args.device}, "
         f"torch {torch.__version__}, batch {args.batch}, {steps} interleaved steps.\n"
         f"memsave_lossy: {', '.join(f'{k}={v}' for k, v in LOSSY.items())}.\n\n![saved bytes](results.png)\n\n"
     )
@@ -505,10 +505,10 @@ def main() -> None:
         sys.exit(f"{len(failures)} case(s) failed:\n" + "\n".join(failures))
 
 
-def _recorded_arguments(arguments: list[str]) -> list[str]:
-    """The command line as the results page shows it: without where the JSON and the page
+def recorded_command(script: str, arguments: list[str]) -> str:
+    """The command line as a results page shows it: without where the JSON and the page
     went, local paths."""
-    recorded = []
+    recorded = [f"python {script}"]
     skip = False
     for argument in arguments:
         if skip:
@@ -517,7 +517,7 @@ def _recorded_arguments(arguments: list[str]) -> list[str]:
             skip = True
         elif not argument.startswith(("--json=", "--results-dir=")):
             recorded.append(argument)
-    return recorded
+    return " ".join(recorded)
 
 
 if __name__ == "__main__":
