@@ -30,6 +30,7 @@ if TYPE_CHECKING:  # for type checkers only: at run time each name resolves on f
     from torch._inductor.decomposition import select_decomp_table
     from torch._inductor.custom_graph_pass import CustomGraphPass, CustomPartitionerFn, get_hash_for_files
     from torch._inductor.graph import GraphLowering
+    from torch._inductor.inductor_prims import force_stride_order
     from torch._inductor.output_code import OutputCode
     from torch._inductor.pattern_matcher import stable_topological_sort
     from torch._ops import OpOverload
@@ -67,6 +68,8 @@ _INTERNALS: dict[str, tuple[str, str]] = {
     "GraphLowering": ("torch._inductor.graph", "GraphLowering"),
     "TorchCompileInductorWrapper": ("torch", "_TorchCompileInductorWrapper"),
     "stable_topological_sort": ("torch._inductor.pattern_matcher", "stable_topological_sort"),
+    # stores a computed value as a buffer of the given strides (a copy only if it has others)
+    "force_stride_order": ("torch._inductor.inductor_prims", "force_stride_order"),
     # fake tensors and metadata
     "detect_fake_mode": ("torch._guards", "detect_fake_mode"),
     "FakeTensor": ("torch._subclasses.fake_tensor", "FakeTensor"),

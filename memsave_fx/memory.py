@@ -278,6 +278,7 @@ _INPUT_FUSING_OPS = frozenset(
         "aten::index_put",
         "aten::slice_scatter",
         "aten::select_scatter",
+        "prims::inductor_force_stride_order",  # realizes a computed input in the layout asked for
     }
 )
 _MAX_POINTWISE_CAT_INPUTS = 8  # Inductor's max_pointwise_cat_inputs: a cat of more is a buffer

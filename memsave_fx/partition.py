@@ -6,12 +6,14 @@ itself: values with a few possible codes cross packed into bytes. A boolean mask
 per element; a max-pool's argmax offsets within its window (int8 in Inductor's lowering) take
 2 bits for a window of up to 4 elements and 4 bits for up to 16 (3x3).
 
-The packing is plain float arithmetic (a weighted sum of blocks of codes by powers of 2**bits;
-to unpack, scaling by powers of two and flooring, exact below 256), which Inductor fuses into
-the neighbouring kernels on CPU and GPU. Float also sidesteps Inductor's C++ bool path, which
-is slow (measured here on 512k elements: a compare-and-store kernel took 3 ms writing bool,
-0.06 ms writing uint8 through float; a `where` took 1.06 ms reading bool, 0.06 ms reading uint8
-through float).
+The kernel that computes the codes stores them as bytes, as stock Inductor's would store a
+saved mask; a small kernel packs that buffer, read as one flat run, and dies with it. In the
+backward a small kernel unpacks them into bytes again just before they are first read. The
+packing is plain float arithmetic (a weighted sum of runs of codes by powers of 2**bits; to
+unpack, scaling by powers of two and flooring, exact below 256), which Inductor generates on
+CPU and GPU. Float also sidesteps Inductor's C++ bool path, which is slow (measured here on
+512k elements: a compare-and-store kernel took 3 ms writing bool, 0.06 ms writing uint8
+through float; a `where` took 1.06 ms reading bool, 0.06 ms reading uint8 through float).
 
 The partitioner prices each value as it will cross, a mask at its packed size. Its cuts then
 weigh a mask as what it costs, and `torch._functorch.config.activation_memory_budget` is a
@@ -143,14 +145,13 @@ def pack_saved_masks(forward: fx.GraphModule, backward: fx.GraphModule) -> int:
     outputs = list(output.args[0])
     descs = output.meta.get(_compat.OUTPUT_DESCRIPTORS) or [None] * len(outputs)
     backward_inputs = {node.name: node for node in backward.graph.find_nodes(op="placeholder")}
-    first_computation = next(n for n in backward.graph.nodes if n.op != "placeholder")
     packed_count = 0
     for position, (saved, desc) in enumerate(zip(outputs, descs)):
         if not isinstance(desc, _compat.SavedForBackwardsAOTOutput):
             continue
         code = _code_of(saved)
         received = backward_inputs.get(saved.name)
-        if code is None or received is None:
+        if code is None or received is None or not received.users:
             continue
         bits, what = code
         # Packed as soon as computed, so the full-width mask (and what it is computed from)
@@ -163,7 +164,9 @@ def pack_saved_masks(forward: fx.GraphModule, backward: fx.GraphModule) -> int:
             if earlier is not None
             else SavedAs(Decision.COMPRESSED, saved.name, packing)
         )
-        unpacked = _unpack(backward.graph, received, saved.meta["val"], bits, before=first_computation)
+        # Unpacked where first read: the unpacked codes are a buffer, alive from there on.
+        first_reader = next(n for n in backward.graph.nodes if n in received.users)
+        unpacked = _unpack(backward.graph, received, saved.meta["val"], bits, before=first_reader)
         received.replace_all_uses_with(unpacked, delete_user_cb=lambda user: user.meta.get("memsave_unpack") is None)
         packed_count += 1
     if packed_count:
@@ -199,52 +202,36 @@ def _code_of(node: object) -> tuple[int, str] | None:
     return None
 
 
-def _blocks(like: torch.Tensor, per_byte: int) -> tuple[list[int], int, bool]:
-    """How `like`, permuted into memory order, is cut into `per_byte` blocks: the sizes it is
-    viewed as, the dim that holds the blocks, and whether it is flattened first.
-
-    The outermost dim whose size `per_byte` divides is split into (per_byte, size / per_byte):
-    every index stays affine, which Inductor's C++ code generation simplifies far faster than
-    the divisions and remainders of a flat index (these took half the compile of a small CNN).
-    Without such a dim, the flat codes, padded to whole bytes.
-    """
-    sizes = [like.shape[d] for d in _memory_order(like)]
-    split = next((i for i, size in enumerate(sizes) if size % per_byte == 0), None)
-    if split is None:
-        return [per_byte, -(-like.numel() // per_byte)], 0, True
-    return [*sizes[:split], per_byte, sizes[split] // per_byte, *sizes[split + 1 :]], split, False
-
-
 def _pack(graph: fx.Graph, codes: fx.Node, bits: int, *, before: fx.Node) -> fx.Node:
     def call(target, *args, **kwargs):
         return insert_call(graph, target, args, kwargs, like=codes, before=before)
 
     value = codes.meta["val"]
     per_byte = _BYTE // bits
-    block_sizes, axis, flat = _blocks(value, per_byte)
-    # Pack in memory order, so that a channels-last tensor streams instead of gathering.
-    blocks = call(aten.permute.default, call(prims.convert_element_type.default, codes, torch.float32), _memory_order(value))
-    if flat:
-        blocks = call(aten.reshape.default, blocks, [value.numel()])
-        if value.numel() % per_byte:
-            blocks = call(aten.constant_pad_nd.default, blocks, [0, -value.numel() % per_byte], 0.0)
-    # Byte j holds block 0's element j, block 1's, ...: each term reads a contiguous run, so the
-    # fused kernel vectorises; adjacent elements per byte made it scalar, GELU's own forward
-    # included (1.2x the step of a ViT).
-    blocks = call(aten.reshape.default, blocks, block_sizes)
+    # The kernel that computes the codes stores them as bytes, densely in memory order, and
+    # packing reads that buffer as one flat run. Inlined into the codes' own kernel instead,
+    # packing gave Inductor's C++ code generation a 4-d load index per code of each byte to
+    # analyse for vectorisation (most of the extra compile of a small CNN); a flat run gives
+    # one-variable indices, and the kernels around it stay as stock Inductor makes them.
+    as_bytes = call(prims.convert_element_type.default, call(prims.convert_element_type.default, codes, torch.float32), torch.uint8)
+    stored = call(_compat.force_stride_order, as_bytes, _dense_strides(value))
+    flat = call(aten.reshape.default, call(aten.permute.default, stored, _memory_order(value)), [value.numel()])
+    if value.numel() % per_byte:
+        flat = call(aten.constant_pad_nd.default, flat, [0, -value.numel() % per_byte], 0)
+    # Byte j holds element j of run 0, of run 1, ...: every term reads a contiguous run.
+    runs = call(prims.convert_element_type.default, call(aten.reshape.default, flat, [per_byte, -1]), torch.float32)
     # Unrolled rather than a weight vector: post-partition graphs take only ops Inductor lowers.
-    packed = call(aten.select.int, blocks, axis, 0)
+    packed = call(aten.select.int, runs, 0, 0)
     for k in range(1, per_byte):
-        packed = call(aten.add.Tensor, packed, call(aten.mul.Tensor, call(aten.select.int, blocks, axis, k), 2.0 ** (bits * k)))
+        packed = call(aten.add.Tensor, packed, call(aten.mul.Tensor, call(aten.select.int, runs, 0, k), 2.0 ** (bits * k)))
     return call(prims.convert_element_type.default, packed, torch.uint8)
 
 
 def _unpack(graph: fx.Graph, packed: fx.Node, like: torch.Tensor, bits: int, *, before: fx.Node) -> fx.Node:
     per_byte = _BYTE // bits
-    block_sizes, axis, flat = _blocks(like, per_byte)
-    packed_sizes = block_sizes[:axis] + block_sizes[axis + 1 :]
+    byte_count = -(-like.numel() // per_byte)
     with _compat.detect_fake_mode([packed.meta["val"]]):
-        packed.meta["val"] = packed.meta["val"].new_empty(packed_sizes, dtype=torch.uint8)
+        packed.meta["val"] = packed.meta["val"].new_empty([byte_count], dtype=torch.uint8)
     packed.meta.pop("tensor_meta", None)
 
     def call(target, *args, **kwargs):
@@ -252,30 +239,40 @@ def _unpack(graph: fx.Graph, packed: fx.Node, like: torch.Tensor, bits: int, *, 
         node.meta["memsave_unpack"] = True
         return node
 
-    as_float = call(prims.convert_element_type.default, packed, torch.float32)
-    # Every element from its byte, with no concatenation, which Inductor would materialise:
-    # block k along `axis` is code k of each byte. Scaling by powers of two and flooring is
-    # exact: code k = floor(x / 2^(bits k)) - 2^bits floor(x / 2^(bits (k+1))).
-    rows = call(aten.expand.default, call(aten.unsqueeze.default, as_float, axis), block_sizes)
+    bytes_as_float = call(prims.convert_element_type.default, packed, torch.float32)
+    # Row k of (per_byte, bytes) is code k of each byte. Scaling by powers of two and flooring
+    # is exact: code k = floor(x / 2^(bits k)) - 2^bits floor(x / 2^(bits (k+1))).
+    rows = call(aten.expand.default, call(aten.unsqueeze.default, bytes_as_float, 0), [per_byte, byte_count])
     positions = call(prims.iota.default, per_byte, start=0, step=1, dtype=torch.int64, device=like.device, requires_grad=False)
     exponents = call(aten.mul.Tensor, call(prims.convert_element_type.default, positions, torch.float32), float(-bits))
-    scale_shape = [1] * len(block_sizes)
-    scale_shape[axis] = per_byte
-    scales = call(aten.view.default, call(aten.pow.Scalar, 2.0, exponents), scale_shape)
+    scales = call(aten.view.default, call(aten.pow.Scalar, 2.0, exponents), [per_byte, 1])
     low = call(aten.floor.default, call(aten.mul.Tensor, rows, scales))
     high = call(aten.floor.default, call(aten.mul.Tensor, rows, call(aten.mul.Tensor, scales, 2.0**-bits)))
     codes = call(aten.sub.Tensor, low, call(aten.mul.Tensor, high, 2.0**bits))
+    # Unpacked in a two-variable kernel of its own, into bytes that the kernels reading the
+    # codes then read, through views, as they read a saved mask under stock Inductor.
+    stored = call(_compat.force_stride_order, call(prims.convert_element_type.default, codes, torch.uint8), [byte_count, 1])
+    flat = call(aten.reshape.default, stored, [-1])
+    if per_byte * byte_count != like.numel():  # the padding
+        flat = call(aten.slice.Tensor, flat, 0, 0, like.numel())
     order = _memory_order(like)
-    sizes = [like.shape[d] for d in order]
-    merged = call(aten.reshape.default, codes, [*block_sizes[:axis], -1, *block_sizes[axis + 2 :]])
-    if flat and merged.meta["val"].numel() != like.numel():  # the padding
-        merged = call(aten.slice.Tensor, merged, 0, 0, like.numel())
-    in_memory_order = call(aten.view.default, merged, sizes)
-    inverse = sorted(range(len(order)), key=order.__getitem__)
-    restored = call(aten.permute.default, in_memory_order, inverse)
+    in_memory_order = call(aten.view.default, flat, [like.shape[d] for d in order])
+    restored = call(aten.permute.default, in_memory_order, sorted(range(len(order)), key=order.__getitem__))
+    # Read through float, as packing writes: Inductor's C++ bool and integer paths are slow.
+    as_float = call(prims.convert_element_type.default, restored, torch.float32)
     if like.dtype == torch.bool:
-        return call(aten.ne.Scalar, restored, 0.0)
-    return call(prims.convert_element_type.default, restored, like.dtype)
+        return call(aten.ne.Scalar, as_float, 0.0)
+    return call(prims.convert_element_type.default, as_float, like.dtype)
+
+
+def _dense_strides(value: torch.Tensor) -> list[int]:
+    """The strides of a dense tensor of `value`'s shape and memory order."""
+    strides = [0] * value.dim()
+    step = 1
+    for d in reversed(_memory_order(value)):
+        strides[d] = step
+        step *= value.shape[d]
+    return strides
 
 
 def _memory_order(value: torch.Tensor) -> list[int]:

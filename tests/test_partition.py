@@ -4,6 +4,7 @@ from torch import nn
 from torch.autograd.graph import saved_tensors_hooks
 
 import memsave_fx
+from memsave_fx.backend import MemsaveBackend
 
 from .utils import assert_grads_match, saved_bytes_of
 
@@ -175,3 +176,21 @@ def test_inductor_can_cache_what_memsave_compiles():
     assert counters["fxgraph_cache_bypass"] == 0
     assert counters["fxgraph_cache_miss"] + counters["fxgraph_cache_hit"] == 2  # forward and backward
     assert backend.compiled[0].packed_masks == 2  # the record still records
+
+
+def test_masks_are_unpacked_where_first_read():
+    """Unpacked codes are a buffer of their own: unpacked together at the start of the backward,
+    every mask would stay alive at a byte per element until read."""
+    model, inputs = frozen_relu_net()
+    backend = MemsaveBackend(generate_code=False)
+    torch.compile(model, backend=backend)(*inputs)
+    graph = backend.compiled[0].backward.graph
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    unpacked = graph.find_nodes(op="call_function", target=torch.ops.prims.inductor_force_stride_order.default)
+    assert len(unpacked) == 2
+    for stored in unpacked:
+        chain = [stored]
+        while len(chain[-1].users) == 1 and next(iter(chain[-1].users)).meta.get("memsave_unpack"):
+            chain.append(next(iter(chain[-1].users)))
+        first_read = min(order[user] for user in chain[-1].users)
+        assert not any(order[stored] < order[other] < first_read for other in unpacked if other is not stored)
