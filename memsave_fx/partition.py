@@ -8,12 +8,15 @@ per element; a max-pool's argmax offsets within its window (int8 in Inductor's l
 
 The kernel that computes the codes stores them as bytes, as stock Inductor's would store a
 saved mask; a small kernel packs that buffer, read as one flat run, and dies with it. In the
-backward a small kernel unpacks them into bytes again just before they are first read. The
-packing is plain float arithmetic (a weighted sum of runs of codes by powers of 2**bits; to
-unpack, scaling by powers of two and flooring, exact below 256), which Inductor generates on
-CPU and GPU. Float also sidesteps Inductor's C++ bool path, which is slow (measured here on
-512k elements: a compare-and-store kernel took 3 ms writing bool, 0.06 ms writing uint8
-through float; a `where` took 1.06 ms reading bool, 0.06 ms reading uint8 through float).
+backward a small kernel unpacks them into bytes again just before they are first read. Packing
+and unpacking are int16 arithmetic (a weighted sum of runs of codes by powers of 2**bits;
+shifts and a mask), which Inductor generates on CPU and GPU. Inductor's C++ backend does not
+vectorise int16, so it emits those two kernels as plain loops, without the vectorisation
+analysis of each load index that took most of the extra compile time of a small CNN. The codes
+are written and read through float, which sidesteps Inductor's C++ bool path, which is slow
+(measured here on 512k elements: a compare-and-store kernel took 3 ms writing bool, 0.06 ms
+writing uint8 through float; a `where` took 1.06 ms reading bool, 0.06 ms reading uint8
+through float).
 
 The partitioner prices each value as it will cross, a mask at its packed size. Its cuts then
 weigh a mask as what it costs, and `torch._functorch.config.activation_memory_budget` is a
@@ -154,6 +157,7 @@ def pack_saved_masks(forward: fx.GraphModule, backward: fx.GraphModule) -> int:
         if code is None or received is None or not received.users:
             continue
         bits, what = code
+        _compute_early(saved)
         # Packed as soon as computed, so the full-width mask (and what it is computed from)
         # need not stay alive to the end of the forward.
         outputs[position] = _pack(forward.graph, saved, bits, before=saved.next)
@@ -211,19 +215,17 @@ def _pack(graph: fx.Graph, codes: fx.Node, bits: int, *, before: fx.Node) -> fx.
     # The kernel that computes the codes stores them as bytes, densely in memory order, and
     # packing reads that buffer as one flat run. Inlined into the codes' own kernel instead,
     # packing gave Inductor's C++ code generation a 4-d load index per code of each byte to
-    # analyse for vectorisation (most of the extra compile of a small CNN); a flat run gives
-    # one-variable indices, and the kernels around it stay as stock Inductor makes them.
+    # analyse for vectorisation; a flat run gives one-variable indices, and int16 none to analyse.
     as_bytes = call(prims.convert_element_type.default, call(prims.convert_element_type.default, codes, torch.float32), torch.uint8)
     stored = call(_compat.force_stride_order, as_bytes, _dense_strides(value))
     flat = call(aten.reshape.default, call(aten.permute.default, stored, _memory_order(value)), [value.numel()])
     if value.numel() % per_byte:
         flat = call(aten.constant_pad_nd.default, flat, [0, -value.numel() % per_byte], 0)
     # Byte j holds element j of run 0, of run 1, ...: every term reads a contiguous run.
-    runs = call(prims.convert_element_type.default, call(aten.reshape.default, flat, [per_byte, -1]), torch.float32)
-    # Unrolled rather than a weight vector: post-partition graphs take only ops Inductor lowers.
+    runs = call(prims.convert_element_type.default, call(aten.reshape.default, flat, [per_byte, -1]), torch.int16)
     packed = call(aten.select.int, runs, 0, 0)
     for k in range(1, per_byte):
-        packed = call(aten.add.Tensor, packed, call(aten.mul.Tensor, call(aten.select.int, runs, 0, k), 2.0 ** (bits * k)))
+        packed = call(aten.add.Tensor, packed, call(aten.mul.Tensor, call(aten.select.int, runs, 0, k), 2 ** (bits * k)))
     return call(prims.convert_element_type.default, packed, torch.uint8)
 
 
@@ -239,16 +241,12 @@ def _unpack(graph: fx.Graph, packed: fx.Node, like: torch.Tensor, bits: int, *, 
         node.meta["memsave_unpack"] = True
         return node
 
-    bytes_as_float = call(prims.convert_element_type.default, packed, torch.float32)
-    # Row k of (per_byte, bytes) is code k of each byte. Scaling by powers of two and flooring
-    # is exact: code k = floor(x / 2^(bits k)) - 2^bits floor(x / 2^(bits (k+1))).
-    rows = call(aten.expand.default, call(aten.unsqueeze.default, bytes_as_float, 0), [per_byte, byte_count])
-    positions = call(prims.iota.default, per_byte, start=0, step=1, dtype=torch.int64, device=like.device, requires_grad=False)
-    exponents = call(aten.mul.Tensor, call(prims.convert_element_type.default, positions, torch.float32), float(-bits))
-    scales = call(aten.view.default, call(aten.pow.Scalar, 2.0, exponents), [per_byte, 1])
-    low = call(aten.floor.default, call(aten.mul.Tensor, rows, scales))
-    high = call(aten.floor.default, call(aten.mul.Tensor, rows, call(aten.mul.Tensor, scales, 2.0**-bits)))
-    codes = call(aten.sub.Tensor, low, call(aten.mul.Tensor, high, 2.0**bits))
+    as_int = call(prims.convert_element_type.default, packed, torch.int16)
+    # Row k of (per_byte, bytes) is code k of each byte.
+    rows = call(aten.expand.default, call(aten.unsqueeze.default, as_int, 0), [per_byte, byte_count])
+    positions = call(prims.iota.default, per_byte, start=0, step=bits, dtype=torch.int16, device=like.device, requires_grad=False)
+    shifted = call(aten.bitwise_right_shift.Tensor, rows, call(aten.view.default, positions, [per_byte, 1]))
+    codes = call(aten.bitwise_and.Scalar, shifted, 2**bits - 1)
     # Unpacked in a two-variable kernel of its own, into bytes that the kernels reading the
     # codes then read, through views, as they read a saved mask under stock Inductor.
     stored = call(_compat.force_stride_order, call(prims.convert_element_type.default, codes, torch.uint8), [byte_count, 1])
@@ -258,11 +256,24 @@ def _unpack(graph: fx.Graph, packed: fx.Node, like: torch.Tensor, bits: int, *, 
     order = _memory_order(like)
     in_memory_order = call(aten.view.default, flat, [like.shape[d] for d in order])
     restored = call(aten.permute.default, in_memory_order, sorted(range(len(order)), key=order.__getitem__))
-    # Read through float, as packing writes: Inductor's C++ bool and integer paths are slow.
+    # Read through float, as they were written: Inductor's C++ bool path is slow.
     as_float = call(prims.convert_element_type.default, restored, torch.float32)
     if like.dtype == torch.bool:
         return call(aten.ne.Scalar, as_float, 0.0)
     return call(prims.convert_element_type.default, as_float, like.dtype)
+
+
+def _compute_early(node: fx.Node) -> None:
+    """Move `node` up to just after the last of its inputs. The partitioner appends what it
+    moves from the backward (a ReLU's mask, say) at the end of the forward; computed there,
+    what it reads stays alive through the forward, and Inductor schedules it, with what it
+    fuses with, after everything else."""
+    if isinstance(node.target, _compat.OpOverload) and torch.Tag.nondeterministic_seeded in node.target.tags:
+        return  # moving it would reorder what draws from the generator
+    position = {n: i for i, n in enumerate(node.graph.nodes)}
+    last_input = max(node.all_input_nodes, key=position.__getitem__, default=None)
+    if last_input is not None and last_input.op != "placeholder" and last_input.next is not node:
+        last_input.append(node)
 
 
 def _dense_strides(value: torch.Tensor) -> list[int]:

@@ -194,3 +194,28 @@ def test_masks_are_unpacked_where_first_read():
             chain.append(next(iter(chain[-1].users)))
         first_read = min(order[user] for user in chain[-1].users)
         assert not any(order[stored] < order[other] < first_read for other in unpacked if other is not stored)
+
+
+def forward_mask_stores(model, inputs):
+    """The forward graph memsave hands Inductor, and its nodes that store a mask's codes."""
+    backend = MemsaveBackend(generate_code=False)
+    torch.compile(model, backend=backend)(*inputs)
+    graph = backend.compiled[0].forward.graph
+    return graph, graph.find_nodes(op="call_function", target=torch.ops.prims.inductor_force_stride_order.default)
+
+
+def test_masks_are_computed_before_the_next_convolution():
+    """The partitioner appends a ReLU's mask, moved from the backward, to the end of the forward:
+    computed there, the ReLU's input stays alive to the end, and Inductor schedules the mask's
+    kernels after everything else, in C++ functions of their own."""
+    model, inputs = frozen_relu_net()
+    graph, stores = forward_mask_stores(model, inputs)
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    convolutions = graph.find_nodes(op="call_function", target=torch.ops.aten.convolution.default)
+    assert len(stores) == 2
+    for stored in stores:
+        relu = stored
+        while relu.target is not torch.ops.aten.relu.default:
+            relu = relu.args[0]
+        assert not any(order[relu] < order[conv] < order[stored] for conv in convolutions)
+
