@@ -178,15 +178,23 @@ def test_inductor_can_cache_what_memsave_compiles():
     assert backend.compiled[0].packed_masks == 2  # the record still records
 
 
+STORE_CODES = torch.ops.prims.inductor_force_stride_order.default  # how packing and unpacking store bytes
+
+
+def graphs_for_inductor(model, inputs):
+    """The record of the forward and backward graphs memsave hands Inductor."""
+    backend = MemsaveBackend(generate_code=False)
+    torch.compile(model, backend=backend)(*inputs)
+    return backend.compiled[0]
+
+
 def test_masks_are_unpacked_where_first_read():
     """Unpacked codes are a buffer of their own: unpacked together at the start of the backward,
     every mask would stay alive at a byte per element until read."""
     model, inputs = frozen_relu_net()
-    backend = MemsaveBackend(generate_code=False)
-    torch.compile(model, backend=backend)(*inputs)
-    graph = backend.compiled[0].backward.graph
+    graph = graphs_for_inductor(model, inputs).backward.graph
     order = {node: i for i, node in enumerate(graph.nodes)}
-    unpacked = graph.find_nodes(op="call_function", target=torch.ops.prims.inductor_force_stride_order.default)
+    unpacked = graph.find_nodes(op="call_function", target=STORE_CODES)
     assert len(unpacked) == 2
     for stored in unpacked:
         chain = [stored]
@@ -196,20 +204,13 @@ def test_masks_are_unpacked_where_first_read():
         assert not any(order[stored] < order[other] < first_read for other in unpacked if other is not stored)
 
 
-def forward_mask_stores(model, inputs):
-    """The forward graph memsave hands Inductor, and its nodes that store a mask's codes."""
-    backend = MemsaveBackend(generate_code=False)
-    torch.compile(model, backend=backend)(*inputs)
-    graph = backend.compiled[0].forward.graph
-    return graph, graph.find_nodes(op="call_function", target=torch.ops.prims.inductor_force_stride_order.default)
-
-
 def test_masks_are_computed_before_the_next_convolution():
     """The partitioner appends a ReLU's mask, moved from the backward, to the end of the forward:
     computed there, the ReLU's input stays alive to the end, and Inductor schedules the mask's
     kernels after everything else, in C++ functions of their own."""
     model, inputs = frozen_relu_net()
-    graph, stores = forward_mask_stores(model, inputs)
+    graph = graphs_for_inductor(model, inputs).forward.graph
+    stores = graph.find_nodes(op="call_function", target=STORE_CODES)
     order = {node: i for i, node in enumerate(graph.nodes)}
     convolutions = graph.find_nodes(op="call_function", target=torch.ops.aten.convolution.default)
     assert len(stores) == 2
@@ -218,4 +219,3 @@ def test_masks_are_computed_before_the_next_convolution():
         while relu.target is not torch.ops.aten.relu.default:
             relu = relu.args[0]
         assert not any(order[relu] < order[conv] < order[stored] for conv in convolutions)
-
