@@ -14,7 +14,8 @@ CNN. One row per model, case and backend:
   reset through /proc/self/clear_refs, less the resident set before the step;
 - step_ms: the median of interleaved steps; compile_s: the first step minus a median step,
   Inductor's caches off (each backend compiles a small model first, so that none pays for
-  the process's first compile), and compile_vs_inductor: compile_s over stock Inductor's for
+  the process's first compile), the fastest of --compiles interleaved cold compiles (one
+  compile varies by up to a quarter from the next), and compile_vs_inductor: compile_s over stock Inductor's for
   the same model and case, summarised below the table as a geometric mean and maximum;
 - grad_error: the largest gradient difference, relative to the largest gradient, and
   grad_cosine: the cosine similarity of all gradients together; against stock Inductor for the
@@ -22,6 +23,7 @@ CNN. One row per model, case and backend:
   from its own generator).
 
     python benchmarks/run.py --quick --json results.json     # a subset, minutes on a laptop CPU
+    python benchmarks/run.py --quick --backends inductor memsave --compiles 3   # compile times
     python benchmarks/run.py                                 # the full matrix
     python benchmarks/run.py --models cnn resnet --cases all bitfit --backends inductor memsave
     MALLOC_MMAP_THRESHOLD_=65536 python benchmarks/run.py --cases lora_bf16 --backends eager inductor memsave
@@ -281,30 +283,52 @@ def warm_up(backends: list[str], device: str) -> None:
     torch._dynamo.reset()
 
 
+def cold_compiles(model: nn.Module, inputs: list[torch.Tensor], backends: list[str], rounds: int, device: str) -> dict[str, list[float]]:
+    """First-step seconds of `rounds` cold compiles by each compiling backend, interleaved, each
+    on a fresh copy of `model`, with Dynamo's and Inductor's caches cleared."""
+    firsts: dict[str, list[float]] = {backend: [] for backend in backends if backend not in ("eager", "convert")}
+    for _ in range(rounds):
+        for backend, seconds in firsts.items():
+            torch._dynamo.reset()
+            replica = copy.deepcopy(model)
+            seconds.append(first_step(backend, replica, inputs, device)[0])
+    for x in inputs:
+        x.grad = None
+    return firsts
+
+
+def first_step(backend: str, replica: nn.Module, inputs: list[torch.Tensor], device: str) -> tuple[float, Callable, int, torch.Tensor]:
+    """Compile `replica` with `backend`, Inductor's caches off, and take one step against a
+    random target: (seconds, the compiled function, saved bytes, the target)."""
+    with torch._inductor.config.patch(force_disable_caches=True):
+        fn = compiled(backend, replica)
+        synchronize(device)
+        start = time.perf_counter()
+        torch.manual_seed(0)
+        output, saved = memsave_fx.saved_activation_bytes(fn, *inputs, exclude=[*replica.parameters(), *replica.buffers()])
+        target = torch.randn(output.shape, generator=torch.Generator().manual_seed(0)).to(device)
+        loss_of(output, target).backward()
+        synchronize(device)
+        return time.perf_counter() - start, fn, saved, target
+
+
 def measure(
-    name: str, case: Case, backends: list[str], steps: int, device: str, batch: int, estimate_peaks: bool
+    name: str, case: Case, backends: list[str], steps: int, device: str, batch: int, estimate_peaks: bool, compile_rounds: int = 1
 ) -> list[dict]:
     model, inputs = prepare(name, case, batch)
     model, inputs = model.to(device), [x.detach().to(device).requires_grad_(x.requires_grad) for x in inputs]
+    # Cold compiles vary by a quarter from one to the next: each backend's fastest is compared.
+    earlier_firsts = cold_compiles(model, inputs, backends, compile_rounds - 1, device)
     torch._dynamo.reset()  # each case starts with an empty recompile budget
     runs: dict[str, dict] = {}
     for backend in backends:
         replica = copy.deepcopy(model)
-        with torch._inductor.config.patch(force_disable_caches=True):
-            fn = compiled(backend, replica)
-            synchronize(device)
-            start = time.perf_counter()
-            torch.manual_seed(0)
-            output, saved = memsave_fx.saved_activation_bytes(fn, *inputs, exclude=[*replica.parameters(), *replica.buffers()])
-            target = torch.randn(output.shape, generator=torch.Generator().manual_seed(0)).to(device)
-            loss_of(output, target).backward()
-            synchronize(device)
-            first_step = time.perf_counter() - start
+        first, fn, saved, target = first_step(backend, replica, inputs, device)
         grads = [p.grad.detach().clone() for p in replica.parameters() if p.requires_grad]
         grads += [x.grad.detach().clone() for x in inputs if x.requires_grad]
         for x in inputs:
             x.grad = None
-        runs[backend] = {"fn": fn, "model": replica, "target": target, "saved": saved, "first": first_step, "grads": grads}
+        runs[backend] = {"fn": fn, "model": replica, "target": target, "saved": saved, "first": first, "grads": grads}
     times, peaks = interleaved_steps(runs, inputs, steps, device)
     rss_peaks = {backend: _rss_peak(run, inputs) for backend, run in runs.items()} if _measures_rss(device) else {}
     for x in inputs:
@@ -314,7 +338,8 @@ def measure(
     estimated = _estimated_peaks(backends, model, inputs) if estimate_peaks and not measured else {}
     rows = []
     step_s = {backend: statistics.median(times[backend]) for backend in runs}
-    compile_s = {backend: max(run["first"] - step_s[backend], 0.0) for backend, run in runs.items()}
+    first_s = {backend: min([run["first"], *earlier_firsts.get(backend, [])]) for backend, run in runs.items()}
+    compile_s = {backend: max(first_s[backend] - step_s[backend], 0.0) for backend in runs}
     for backend, run in runs.items():
         reference = runs.get("eager" if backend in ("eager", "convert") else "inductor")
         step = step_s[backend]
@@ -465,6 +490,7 @@ def main() -> None:
     parser.add_argument("--cases", nargs="+", choices=list(CASES), help="default: every case that applies")
     parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS))
     parser.add_argument("--steps", type=int, help="timed steps per backend (default 5 quick, 20 full)")
+    parser.add_argument("--compiles", type=int, default=1, help="cold compiles per compiling backend, interleaved; the fastest counts (default 1)")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", type=Path, help="also write the rows here")
@@ -482,7 +508,7 @@ def main() -> None:
                 continue
             print(f"{name} / {case.name}: {case.description}", flush=True)
             try:
-                rows += measure(name, case, args.backends, steps, args.device, args.batch, estimate_peaks=not args.quick)
+                rows += measure(name, case, args.backends, steps, args.device, args.batch, estimate_peaks=not args.quick, compile_rounds=args.compiles)
             except Exception as error:  # one failing case must not lose the others' rows; the exit status reports it
                 traceback.print_exc()
                 failures.append(f"{name} / {case.name}: {type(error).__name__}: {error}")

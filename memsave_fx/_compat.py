@@ -82,6 +82,8 @@ _INTERNALS: dict[str, tuple[str, str]] = {
     "is_non_overlapping_and_dense_or_false": ("torch._prims_common", "is_non_overlapping_and_dense_or_false"),
     # Inductor's lowering of max_pool2d_with_indices: int8 offsets within the window
     "low_memory_max_pool_with_offsets": ("torch.ops.prims", "_low_memory_max_pool_with_offsets"),
+    # Inductor's random ops: one draw of seeds per device, which each random op reads
+    "inductor_seeds": ("torch.ops.prims", "inductor_seeds"),
 }
 
 # AOTAutograd's graph conventions, read and written in node.meta

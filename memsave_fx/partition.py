@@ -7,7 +7,8 @@ per element; a max-pool's argmax offsets within its window (int8 in Inductor's l
 2 bits for a window of up to 4 elements and 4 bits for up to 16 (3x3).
 
 The kernel that computes the codes stores them as bytes, as stock Inductor's would store a
-saved mask; a small kernel packs that buffer, read as one flat run, and dies with it. In the
+saved mask. The forward's own readers of the codes (a dropout's multiplication) read those bytes. A small
+kernel packs that buffer, read as one flat run, and dies with it. In the
 backward a small kernel unpacks them into bytes again just before they are first read. Packing
 and unpacking are int16 arithmetic (a weighted sum of runs of codes by powers of 2**bits;
 shifts and a mask), which Inductor generates on CPU and GPU. Inductor's C++ backend does not
@@ -82,8 +83,10 @@ class MemsavePartitioner(CustomPartitionerFn):
         with pricing:
             forward, backward = _compat.min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
         packed = pack_saved_masks(forward, backward) if self.pack_masks else 0
-        if packed:
+        seeds_moved = draw_seeds_first(forward.graph)
+        if packed or seeds_moved:
             forward.recompile()
+        if packed:
             backward.recompile()
         if self.record is not None:
             self.record.add_packed_masks(packed)
@@ -157,10 +160,11 @@ def pack_saved_masks(forward: fx.GraphModule, backward: fx.GraphModule) -> int:
         if code is None or received is None or not received.users:
             continue
         bits, what = code
+        order = _memory_order(saved.meta["val"])
         _compute_early(saved)
         # Packed as soon as computed, so the full-width mask (and what it is computed from)
         # need not stay alive to the end of the forward.
-        outputs[position] = _pack(forward.graph, saved, bits, before=saved.next)
+        outputs[position] = _pack(forward.graph, saved, bits, order, before=saved.next)
         packing = f"{what} packed at {bits} bit{'s' * (bits > 1)} per element"
         earlier = saved.meta.get(SAVED_AS)  # a joint pass's stand-in keeps its decision
         outputs[position].meta[SAVED_AS] = (
@@ -170,13 +174,34 @@ def pack_saved_masks(forward: fx.GraphModule, backward: fx.GraphModule) -> int:
         )
         # Unpacked where first read: the unpacked codes are a buffer, alive from there on.
         first_reader = next(n for n in backward.graph.nodes if n in received.users)
-        unpacked = _unpack(backward.graph, received, saved.meta["val"], bits, before=first_reader)
+        unpacked = _unpack(backward.graph, received, saved.meta["val"], bits, order, before=first_reader)
         received.replace_all_uses_with(unpacked, delete_user_cb=lambda user: user.meta.get("memsave_unpack") is None)
         packed_count += 1
     if packed_count:
         output.args = (tuple(outputs), *output.args[1:])
         log.debug("packed %d saved masks and offsets", packed_count)
     return packed_count
+
+
+def draw_seeds_first(graph: fx.Graph) -> bool:
+    """Move Inductor's seed draws (`inductor_seeds`, one per device, which every random op of
+    the forward reads) to the start of the forward, where stock Inductor's scheduler puts them;
+    return whether any moved. Left where the partitioner put them, among the forward's pointwise
+    ops, each is an extern call that splits the C++ kernel around it: one more kernel to compile.
+    Nothing moves where another op also draws from the generator: the order of draws decides
+    their values."""
+    draws = [node for node in graph.nodes if _draws_from_generator(node)]
+    seeds = [node for node in draws if node.target is _compat.inductor_seeds]
+    first_op = next(node for node in graph.nodes if node.op != "placeholder")
+    if not seeds or len(seeds) < len(draws) or seeds == [first_op]:
+        return False
+    for node in seeds:
+        first_op.prepend(node)
+    return True
+
+
+def _draws_from_generator(node: fx.Node) -> bool:
+    return isinstance(node.target, _compat.OpOverload) and torch.Tag.nondeterministic_seeded in node.target.tags
 
 
 def _packed_size_of(node: fx.Node, size_of: Callable[[fx.Node], int]) -> int:
@@ -206,19 +231,25 @@ def _code_of(node: object) -> tuple[int, str] | None:
     return None
 
 
-def _pack(graph: fx.Graph, codes: fx.Node, bits: int, *, before: fx.Node) -> fx.Node:
+def _pack(graph: fx.Graph, codes: fx.Node, bits: int, order: list[int], *, before: fx.Node) -> fx.Node:
     def call(target, *args, **kwargs):
         return insert_call(graph, target, args, kwargs, like=codes, before=before)
 
     value = codes.meta["val"]
     per_byte = _BYTE // bits
-    # The kernel that computes the codes stores them as bytes, densely in memory order, and
-    # packing reads that buffer as one flat run. Inlined into the codes' own kernel instead,
-    # packing gave Inductor's C++ code generation a 4-d load index per code of each byte to
+    # The kernel that computes the codes stores them as bytes, densely in `order` (outermost
+    # dim first), and packing reads that buffer as one flat run. Inlined into the codes' own
+    # kernel instead, packing gave Inductor's C++ code generation a 4-d load index per code of each byte to
     # analyse for vectorisation; a flat run gives one-variable indices, and int16 none to analyse.
-    as_bytes = call(prims.convert_element_type.default, call(prims.convert_element_type.default, codes, torch.float32), torch.uint8)
-    stored = call(_compat.force_stride_order, as_bytes, _dense_strides(value))
-    flat = call(aten.reshape.default, call(aten.permute.default, stored, _memory_order(value)), [value.numel()])
+    as_float = call(prims.convert_element_type.default, codes, torch.float32)
+    as_bytes = call(prims.convert_element_type.default, as_float, torch.uint8)
+    stored = call(_compat.force_stride_order, as_bytes, _dense_strides(value.shape, order))
+    # The forward's own readers (a dropout's multiplication) read the stored codes too: computed
+    # once, not again in each reader's kernel (a dropout mask's random draw, into a float buffer).
+    readers = [user for user in codes.users if user is not as_float and user.op != "output"]
+    if readers:
+        codes.replace_all_uses_with(_from_bytes(call, stored, value.dtype), delete_user_cb=readers.__contains__)
+    flat = call(aten.reshape.default, call(aten.permute.default, stored, order), [value.numel()])
     if value.numel() % per_byte:
         flat = call(aten.constant_pad_nd.default, flat, [0, -value.numel() % per_byte], 0)
     # Byte j holds element j of run 0, of run 1, ...: every term reads a contiguous run.
@@ -229,7 +260,7 @@ def _pack(graph: fx.Graph, codes: fx.Node, bits: int, *, before: fx.Node) -> fx.
     return call(prims.convert_element_type.default, packed, torch.uint8)
 
 
-def _unpack(graph: fx.Graph, packed: fx.Node, like: torch.Tensor, bits: int, *, before: fx.Node) -> fx.Node:
+def _unpack(graph: fx.Graph, packed: fx.Node, like: torch.Tensor, bits: int, order: list[int], *, before: fx.Node) -> fx.Node:
     per_byte = _BYTE // bits
     byte_count = -(-like.numel() // per_byte)
     with _compat.detect_fake_mode([packed.meta["val"]]):
@@ -253,14 +284,18 @@ def _unpack(graph: fx.Graph, packed: fx.Node, like: torch.Tensor, bits: int, *, 
     flat = call(aten.reshape.default, stored, [-1])
     if per_byte * byte_count != like.numel():  # the padding
         flat = call(aten.slice.Tensor, flat, 0, 0, like.numel())
-    order = _memory_order(like)
     in_memory_order = call(aten.view.default, flat, [like.shape[d] for d in order])
     restored = call(aten.permute.default, in_memory_order, sorted(range(len(order)), key=order.__getitem__))
-    # Read through float, as they were written: Inductor's C++ bool path is slow.
-    as_float = call(prims.convert_element_type.default, restored, torch.float32)
-    if like.dtype == torch.bool:
+    return _from_bytes(call, restored, like.dtype)
+
+
+def _from_bytes(call: Callable[..., fx.Node], codes: fx.Node, dtype: torch.dtype) -> fx.Node:
+    """Codes stored as bytes, read as `dtype` through float, as they were written: Inductor's
+    C++ bool path is slow."""
+    as_float = call(prims.convert_element_type.default, codes, torch.float32)
+    if dtype == torch.bool:
         return call(aten.ne.Scalar, as_float, 0.0)
-    return call(prims.convert_element_type.default, as_float, like.dtype)
+    return call(prims.convert_element_type.default, as_float, dtype)
 
 
 def _compute_early(node: fx.Node) -> None:
@@ -268,7 +303,7 @@ def _compute_early(node: fx.Node) -> None:
     moves from the backward (a ReLU's mask, say) at the end of the forward; computed there,
     what it reads stays alive through the forward, and Inductor schedules it, with what it
     fuses with, after everything else."""
-    if isinstance(node.target, _compat.OpOverload) and torch.Tag.nondeterministic_seeded in node.target.tags:
+    if _draws_from_generator(node):
         return  # moving it would reorder what draws from the generator
     position = {n: i for i, n in enumerate(node.graph.nodes)}
     last_input = max(node.all_input_nodes, key=position.__getitem__, default=None)
@@ -276,13 +311,13 @@ def _compute_early(node: fx.Node) -> None:
         last_input.append(node)
 
 
-def _dense_strides(value: torch.Tensor) -> list[int]:
-    """The strides of a dense tensor of `value`'s shape and memory order."""
-    strides = [0] * value.dim()
+def _dense_strides(shape: Sequence[int], order: list[int]) -> list[int]:
+    """The strides of a dense tensor of `shape` laid out in `order` (outermost dim first)."""
+    strides = [0] * len(shape)
     step = 1
-    for d in reversed(_memory_order(value)):
+    for d in reversed(order):
         strides[d] = step
-        step *= value.shape[d]
+        step *= shape[d]
     return strides
 
 

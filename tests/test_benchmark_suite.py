@@ -94,3 +94,21 @@ def test_memory_tools_table_gives_both_backends_and_their_ratio():
     row = {"workload": "resnet_stem", "setting": "budget 0.5", "inductor": 4 * 2**20, "memsave": 2**20,
            "inductor_error": 1e-7, "memsave_error": 2e-7}  # fmt: skip
     assert markdown([row]).splitlines()[-1] == "| resnet_stem | budget 0.5 | 4.00 | 1.00 | 0.25x | 1.0e-07, 2.0e-07 |"
+
+
+def test_cold_compiles_interleave_the_compiling_backends(monkeypatch):
+    import torch
+    from torch import nn
+
+    from benchmarks import run
+
+    calls = []
+
+    def first_step(backend, replica, inputs, device):
+        calls.append(backend)
+        return float(len(calls)), None, 0, None
+
+    monkeypatch.setattr(run, "first_step", first_step)
+    firsts = run.cold_compiles(nn.Linear(2, 2), [torch.randn(1, 2)], ["eager", "inductor", "memsave"], 2, "cpu")
+    assert calls == ["inductor", "memsave", "inductor", "memsave"]
+    assert firsts == {"inductor": [1.0, 3.0], "memsave": [2.0, 4.0]}

@@ -1,10 +1,12 @@
 import pytest
 import torch
+import torch.fx as fx
 from torch import nn
 from torch.autograd.graph import saved_tensors_hooks
 
 import memsave_fx
 from memsave_fx.backend import MemsaveBackend
+from memsave_fx.partition import draw_seeds_first
 
 from .utils import assert_grads_match, saved_bytes_of
 
@@ -219,3 +221,43 @@ def test_masks_are_computed_before_the_next_convolution():
         while relu.target is not torch.ops.aten.relu.default:
             relu = relu.args[0]
         assert not any(order[relu] < order[conv] < order[stored] for conv in convolutions)
+
+
+def test_random_seeds_are_drawn_first():
+    """Where the partitioner leaves it, mid-forward, Inductor's seed draw is an extern call
+    that splits the C++ kernel around it."""
+    model = frozen_conv_after(nn.ReLU(), nn.Dropout(0.3))
+    graph = graphs_for_inductor(model, [torch.randn(1, 3, 11, 11, requires_grad=True)]).forward.graph
+    first_op = next(node for node in graph.nodes if node.op != "placeholder")
+    assert first_op.target is torch.ops.prims.inductor_seeds.default
+
+
+def test_seeds_stay_where_another_op_draws_from_the_generator():
+    def graph_with(*draws):
+        graph = fx.Graph()
+        x = graph.placeholder("x")
+        nodes = [graph.call_function(torch.ops.aten.relu.default, (x,))]
+        nodes += [graph.call_function(target, args) for target, args in draws]
+        graph.output(tuple(nodes))
+        return graph
+
+    seeds = (torch.ops.prims.inductor_seeds.default, (1, torch.device("cpu")))
+    alone = graph_with(seeds)
+    assert draw_seeds_first(alone)
+    assert [node.target for node in alone.nodes][1] is torch.ops.prims.inductor_seeds.default
+    with_rand = graph_with(seeds, (torch.ops.aten.rand.default, ([2],)))
+    before = list(with_rand.nodes)
+    assert not draw_seeds_first(with_rand) and list(with_rand.nodes) == before
+
+
+def test_a_dropout_mask_is_drawn_once():
+    """The dropout's multiplication reads the mask's stored codes. Computed again in its own
+    kernel, the mask's random values were realized as a float buffer read by both."""
+    model = frozen_conv_after(nn.Dropout(0.3), nn.Dropout(0.3))
+    graph = graphs_for_inductor(model, [torch.randn(1, 3, 11, 11, requires_grad=True)]).forward.graph
+    masks = graph.find_nodes(op="call_function", target=torch.ops.aten.gt.Scalar)
+    assert len(masks) == 2
+    for mask in masks:
+        (as_float,) = mask.users  # on its way to bytes, and nothing else
+        (as_bytes,) = as_float.users
+        assert [user.target for user in as_bytes.users] == [STORE_CODES]
