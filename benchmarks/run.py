@@ -15,8 +15,9 @@ CNN. One row per model, case and backend:
 - step_ms: the median of interleaved steps; compile_s: the first step minus a median step,
   Inductor's caches off (each backend compiles a small model first, so that none pays for
   the process's first compile), the fastest of --compiles interleaved cold compiles (one
-  compile varies by up to a quarter from the next), and compile_vs_inductor: compile_s over stock Inductor's for
-  the same model and case, summarised below the table as a geometric mean and maximum;
+  compile varies by up to a quarter from the next), and compile_vs_inductor: compile_s over
+  stock Inductor's for the same model and case, summarised below the table as a geometric mean
+  and maximum;
 - grad_error: the largest gradient difference, relative to the largest gradient, and
   grad_cosine: the cosine similarity of all gradients together; against stock Inductor for the
   compiled backends and against eager PyTorch for eager ones (each side draws dropout masks

@@ -7,9 +7,9 @@ per element; a max-pool's argmax offsets within its window (int8 in Inductor's l
 2 bits for a window of up to 4 elements and 4 bits for up to 16 (3x3).
 
 The kernel that computes the codes stores them as bytes, as stock Inductor's would store a
-saved mask. The forward's own readers of the codes (a dropout's multiplication) read those bytes. A small
-kernel packs that buffer, read as one flat run, and dies with it. In the
-backward a small kernel unpacks them into bytes again just before they are first read. Packing
+saved mask, and the forward's own readers of the codes (a dropout's multiplication) read those
+bytes; a small kernel packs that buffer, read as one flat run, and dies with it. In the backward
+a small kernel unpacks them into bytes again just before they are first read. Packing
 and unpacking are int16 arithmetic (a weighted sum of runs of codes by powers of 2**bits;
 shifts and a mask), which Inductor generates on CPU and GPU. Inductor's C++ backend does not
 vectorise int16, so it emits those two kernels as plain loops, without the vectorisation
@@ -160,11 +160,10 @@ def pack_saved_masks(forward: fx.GraphModule, backward: fx.GraphModule) -> int:
         if code is None or received is None or not received.users:
             continue
         bits, what = code
-        order = _memory_order(saved.meta["val"])
         _compute_early(saved)
         # Packed as soon as computed, so the full-width mask (and what it is computed from)
         # need not stay alive to the end of the forward.
-        outputs[position] = _pack(forward.graph, saved, bits, order, before=saved.next)
+        outputs[position] = _pack(forward.graph, saved, bits, before=saved.next)
         packing = f"{what} packed at {bits} bit{'s' * (bits > 1)} per element"
         earlier = saved.meta.get(SAVED_AS)  # a joint pass's stand-in keeps its decision
         outputs[position].meta[SAVED_AS] = (
@@ -174,7 +173,7 @@ def pack_saved_masks(forward: fx.GraphModule, backward: fx.GraphModule) -> int:
         )
         # Unpacked where first read: the unpacked codes are a buffer, alive from there on.
         first_reader = next(n for n in backward.graph.nodes if n in received.users)
-        unpacked = _unpack(backward.graph, received, saved.meta["val"], bits, order, before=first_reader)
+        unpacked = _unpack(backward.graph, received, saved.meta["val"], bits, before=first_reader)
         received.replace_all_uses_with(unpacked, delete_user_cb=lambda user: user.meta.get("memsave_unpack") is None)
         packed_count += 1
     if packed_count:
@@ -231,25 +230,25 @@ def _code_of(node: object) -> tuple[int, str] | None:
     return None
 
 
-def _pack(graph: fx.Graph, codes: fx.Node, bits: int, order: list[int], *, before: fx.Node) -> fx.Node:
+def _pack(graph: fx.Graph, codes: fx.Node, bits: int, *, before: fx.Node) -> fx.Node:
     def call(target, *args, **kwargs):
         return insert_call(graph, target, args, kwargs, like=codes, before=before)
 
     value = codes.meta["val"]
     per_byte = _BYTE // bits
-    # The kernel that computes the codes stores them as bytes, densely in `order` (outermost
-    # dim first), and packing reads that buffer as one flat run. Inlined into the codes' own
-    # kernel instead, packing gave Inductor's C++ code generation a 4-d load index per code of each byte to
+    # The kernel that computes the codes stores them as bytes, densely in memory order, and
+    # packing reads that buffer as one flat run. Inlined into the codes' own kernel instead,
+    # packing gave Inductor's C++ code generation a 4-d load index per code of each byte to
     # analyse for vectorisation; a flat run gives one-variable indices, and int16 none to analyse.
     as_float = call(prims.convert_element_type.default, codes, torch.float32)
     as_bytes = call(prims.convert_element_type.default, as_float, torch.uint8)
-    stored = call(_compat.force_stride_order, as_bytes, _dense_strides(value.shape, order))
+    stored = call(_compat.force_stride_order, as_bytes, _dense_strides(value))
     # The forward's own readers (a dropout's multiplication) read the stored codes too: computed
     # once, not again in each reader's kernel (a dropout mask's random draw, into a float buffer).
     readers = [user for user in codes.users if user is not as_float and user.op != "output"]
     if readers:
         codes.replace_all_uses_with(_from_bytes(call, stored, value.dtype), delete_user_cb=readers.__contains__)
-    flat = call(aten.reshape.default, call(aten.permute.default, stored, order), [value.numel()])
+    flat = call(aten.reshape.default, call(aten.permute.default, stored, _memory_order(value)), [value.numel()])
     if value.numel() % per_byte:
         flat = call(aten.constant_pad_nd.default, flat, [0, -value.numel() % per_byte], 0)
     # Byte j holds element j of run 0, of run 1, ...: every term reads a contiguous run.
@@ -260,7 +259,7 @@ def _pack(graph: fx.Graph, codes: fx.Node, bits: int, order: list[int], *, befor
     return call(prims.convert_element_type.default, packed, torch.uint8)
 
 
-def _unpack(graph: fx.Graph, packed: fx.Node, like: torch.Tensor, bits: int, order: list[int], *, before: fx.Node) -> fx.Node:
+def _unpack(graph: fx.Graph, packed: fx.Node, like: torch.Tensor, bits: int, *, before: fx.Node) -> fx.Node:
     per_byte = _BYTE // bits
     byte_count = -(-like.numel() // per_byte)
     with _compat.detect_fake_mode([packed.meta["val"]]):
@@ -284,6 +283,7 @@ def _unpack(graph: fx.Graph, packed: fx.Node, like: torch.Tensor, bits: int, ord
     flat = call(aten.reshape.default, stored, [-1])
     if per_byte * byte_count != like.numel():  # the padding
         flat = call(aten.slice.Tensor, flat, 0, 0, like.numel())
+    order = _memory_order(like)
     in_memory_order = call(aten.view.default, flat, [like.shape[d] for d in order])
     restored = call(aten.permute.default, in_memory_order, sorted(range(len(order)), key=order.__getitem__))
     return _from_bytes(call, restored, like.dtype)
@@ -311,13 +311,13 @@ def _compute_early(node: fx.Node) -> None:
         last_input.append(node)
 
 
-def _dense_strides(shape: Sequence[int], order: list[int]) -> list[int]:
-    """The strides of a dense tensor of `shape` laid out in `order` (outermost dim first)."""
-    strides = [0] * len(shape)
+def _dense_strides(value: torch.Tensor) -> list[int]:
+    """The strides of a dense tensor of `value`'s shape and memory order."""
+    strides = [0] * value.dim()
     step = 1
-    for d in reversed(order):
+    for d in reversed(_memory_order(value)):
         strides[d] = step
-        step *= shape[d]
+        step *= value.shape[d]
     return strides
 
 
