@@ -8,7 +8,10 @@ backward reads, frozen or not, is held twice from forward to backward.
 The lowering re-strides only 4-D values, so this pass saves a flat 1-D `_unsafe_view` of the
 input instead, tagged MUST_SAVE, and un-flattens it on each side. The saved tensor then shares
 the input's storage. The forward convolution still runs channels-last; the backward makes its
-own short-lived converted copy.
+own short-lived converted copy. Where the input is a convolution's data input, that copy is
+explicit in the graph: the weight gradient's memory format follows its input's, and stock
+Inductor's comes out channels-last, as the convolution computes it. From a contiguous input
+Inductor would copy it to contiguous, a kernel more to compile and run.
 
 Two details keep the partitioner from undoing this: `_unsafe_view` is not treated as a view
 (views are always recomputed, never saved), and the two un-flattens are different ops
@@ -39,6 +42,9 @@ def flatten_saved_conv_inputs(graph: fx.Graph, config: MemsaveConfig) -> list[Re
     if not config.exact_compression or config.compiler != "inductor":
         return []  # the copy comes from Inductor's lowering alone
     rewrites = []
+    channels_last = graph.owning_module is not None and _compat.GraphLowering.decide_layout_opt(
+        graph.owning_module, is_inference=False
+    )
     for primal in filter(is_primal, graph.find_nodes(op="placeholder")):
         value = primal.meta.get("val")
         if not isinstance(value, torch.Tensor) or value.dim() != 4:
@@ -68,7 +74,7 @@ def flatten_saved_conv_inputs(graph: fx.Graph, config: MemsaveConfig) -> list[Re
                         f"{display_name(primal)} has a symbolic shape")  # fmt: skip
             )
             continue
-        rewrites.append(_flatten(graph, primal, forward_users, backward_users))
+        rewrites.append(_flatten(graph, primal, forward_users, backward_users, channels_last))
         log.debug("%s: %s", primal.name, rewrites[-1].reason)
     return rewrites
 
@@ -81,8 +87,17 @@ def _feeds_convolution(user: fx.Node) -> bool:
     return user.target is aten.mul.Tensor and bool(user.users) and all(u.target is aten.convolution.default for u in user.users)
 
 
+def _reads_as_data(user: fx.Node, value: fx.Node) -> bool:
+    """`user` is a convolution's backward reading `value` as the convolution's data input."""
+    return user.target is aten.convolution_backward.default and user.args[1] is value
+
+
 def _flatten(
-    graph: fx.Graph, primal: fx.Node, forward_users: list[fx.Node], backward_users: list[fx.Node]
+    graph: fx.Graph,
+    primal: fx.Node,
+    forward_users: list[fx.Node],
+    backward_users: list[fx.Node],
+    channels_last: bool,
 ) -> Rewrite:
     shape = [int(s) for s in primal.meta["val"].shape]
     first_user = next(n for n in graph.nodes if n in primal.users)
@@ -99,6 +114,14 @@ def _flatten(
     _compat.tag_for_backward(for_backward)
     for user in backward_users:
         user.replace_input_with(primal, for_backward)
+    weight_gradients = [n for n in graph.nodes if n in backward_users and _reads_as_data(n, for_backward)]
+    if channels_last and weight_gradients:
+        as_channels_last = insert_call(
+            graph, aten.clone.default, (for_backward,), {"memory_format": torch.channels_last}, like=weight_gradients[0]
+        )
+        _compat.tag_for_backward(as_channels_last)
+        for user in weight_gradients:
+            user.update_arg(1, as_channels_last)
     return Rewrite(
         flatten_saved_conv_inputs.__name__,
         primal.name,

@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -96,3 +98,22 @@ def test_a_weight_scaled_before_its_convolution_is_saved_as_itself():
     assert_grads_match(model, inputs, memsave_fx.backend())
     assert model.weight.untyped_storage().data_ptr() in saved_storages(model, inputs, memsave_fx.backend())
     assert model.weight.untyped_storage().data_ptr() not in saved_storages(model, inputs, "inductor")
+
+
+@pytest.mark.parametrize("layout_optimization", [True, False], ids=["channels_last", "contiguous"])
+def test_a_weight_gradient_leaves_the_backward_in_stock_inductors_layout(layout_optimization):
+    """The first convolution reads the saved input, flat, in the backward too. Its weight
+    gradient comes out channels-last where Inductor runs convolutions so, as under stock
+    Inductor; a contiguous input would make Inductor copy it to contiguous, one kernel more."""
+    model, _ = make_case(frozen=True)  # only the first convolution trains
+    inputs = [torch.randn(2, 3, 14, 14)]
+    upstream = torch.randn(2, 4, 8, 8)
+    strides = {}
+    with torch._inductor.config.patch(layout_optimization=layout_optimization):
+        for name, backend in (("memsave", memsave_fx.backend()), ("inductor", "inductor")):
+            copied = copy.deepcopy(model)
+            copied[0].weight.register_hook(lambda grad, name=name: strides.update({name: grad.stride()}))
+            torch.compile(copied, backend=backend)(*inputs).backward(upstream)
+    assert strides["memsave"] == strides["inductor"]
+    assert (strides["memsave"] == (27, 1, 9, 3)) is layout_optimization
+    assert_grads_match(model, inputs, memsave_fx.backend())
