@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import inspect
+import types
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -175,6 +176,23 @@ def compile_with_inductor(inductor: Any, gm: fx.GraphModule, example_inputs: Any
     if "config_patches" in inspect.signature(type(inductor).__call__).parameters:
         return inductor(gm, example_inputs, config_patches=config_patches)
     return __getattr__("compile_fx")(gm, example_inputs, config_patches={**inductor.config, **config_patches})
+
+
+def runs_channels_last(gm: fx.GraphModule) -> bool:
+    """Whether Inductor's lowering runs training graph `gm`'s convolutions channels-last (its
+    layout optimisation), under the Inductor configuration in effect."""
+    return bool(__getattr__("GraphLowering").decide_layout_opt(gm, is_inference=False))
+
+
+def channels_last_nodes(gm: fx.GraphModule) -> set[fx.Node]:
+    """The nodes whose dense 4-D values Inductor's lowering lays out channels-last where it must
+    choose (a saved value, say): none without layout optimisation; with it, Inductor's own rule
+    (a convolution's inputs and outputs, what feeds them, and what they feed)."""
+    if not runs_channels_last(gm):
+        return set()
+    # The rule reads only the graph module of the lowering it is a method of.
+    lowering = types.SimpleNamespace(module=gm)
+    return set(__getattr__("GraphLowering").find_nodes_prefer_channels_last(lowering))
 
 
 def tracer_class(graph: fx.Graph) -> type | None:

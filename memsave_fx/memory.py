@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import operator
-import types
 from collections.abc import Iterable
 
 import torch
@@ -105,10 +104,9 @@ def mark_layout_copies(gm: fx.GraphModule) -> None:
     applies Inductor's own decisions (`decide_layout_opt`, `find_nodes_prefer_channels_last`),
     so it must run under the configuration of the compilation.
     """
-    GraphLowering = _compat.GraphLowering
-    if not GraphLowering.decide_layout_opt(gm, is_inference=False):
+    if not _compat.runs_channels_last(gm):
         return
-    prefer_channels_last = GraphLowering.find_nodes_prefer_channels_last(types.SimpleNamespace(module=gm))
+    prefer_channels_last = _compat.channels_last_nodes(gm)
     saved = set(saved_outputs(gm))
     convolution_arguments = {
         argument

@@ -6,14 +6,14 @@ itself: values with a few possible codes cross packed into bytes. A boolean mask
 per element; a max-pool's argmax offsets within its window (int8 in Inductor's lowering) take
 2 bits for a window of up to 4 elements and 4 bits for up to 16 (3x3).
 
-The kernel that computes the codes stores them as bytes, as stock Inductor's would store a
-saved mask, and the forward's own readers of the codes (a dropout's multiplication) read those
-bytes; a small kernel packs that buffer, read as one flat run, and dies with it. In the backward
-a small kernel unpacks them into bytes again just before they are first read. Packing
-and unpacking are int16 arithmetic (a weighted sum of runs of codes by powers of 2**bits;
-shifts and a mask), which Inductor generates on CPU and GPU. Inductor's C++ backend does not
-vectorise int16, so it emits those two kernels as plain loops, without the vectorisation
-analysis of each load index that took most of the extra compile time of a small CNN. The codes
+The kernel that computes the codes stores them as bytes, in the layout stock Inductor would
+store a saved mask in, and the forward's own readers of the codes (a dropout's multiplication)
+read those bytes; a small kernel packs that buffer, read as one flat run, and dies with it. In
+the backward a small kernel unpacks them into bytes again just before they are first read.
+Packing and unpacking are int16 arithmetic (runs of codes shifted into place and summed; shifts
+and a mask), which Inductor generates on CPU and GPU. Inductor's C++ backend does not vectorise
+int16, so it emits those two kernels as plain loops, without the vectorisation analysis of each
+load index that took most of the extra compile time of a small CNN. The codes
 are written and read through float, which sidesteps Inductor's C++ bool path, which is slow
 (measured here on 512k elements: a compare-and-store kernel took 3 ms writing bool, 0.06 ms
 writing uint8 through float; a `where` took 1.06 ms reading bool, 0.06 ms reading uint8
@@ -151,6 +151,7 @@ def pack_saved_masks(forward: fx.GraphModule, backward: fx.GraphModule) -> int:
     outputs = list(output.args[0])
     descs = output.meta.get(_compat.OUTPUT_DESCRIPTORS) or [None] * len(outputs)
     backward_inputs = {node.name: node for node in backward.graph.find_nodes(op="placeholder")}
+    channels_last = _compat.channels_last_nodes(forward)  # decided on the graph as partitioned
     packed_count = 0
     for position, (saved, desc) in enumerate(zip(outputs, descs)):
         if not isinstance(desc, _compat.SavedForBackwardsAOTOutput):
@@ -163,7 +164,8 @@ def pack_saved_masks(forward: fx.GraphModule, backward: fx.GraphModule) -> int:
         _compute_early(saved)
         # Packed as soon as computed, so the full-width mask (and what it is computed from)
         # need not stay alive to the end of the forward.
-        outputs[position] = _pack(forward.graph, saved, bits, before=saved.next)
+        order = _stored_order(saved, channels_last)
+        outputs[position] = _pack(forward.graph, saved, bits, order, before=saved.next)
         packing = f"{what} packed at {bits} bit{'s' * (bits > 1)} per element"
         earlier = saved.meta.get(SAVED_AS)  # a joint pass's stand-in keeps its decision
         outputs[position].meta[SAVED_AS] = (
@@ -173,7 +175,7 @@ def pack_saved_masks(forward: fx.GraphModule, backward: fx.GraphModule) -> int:
         )
         # Unpacked where first read: the unpacked codes are a buffer, alive from there on.
         first_reader = next(n for n in backward.graph.nodes if n in received.users)
-        unpacked = _unpack(backward.graph, received, saved.meta["val"], bits, before=first_reader)
+        unpacked = _unpack(backward.graph, received, saved.meta["val"], bits, order, before=first_reader)
         received.replace_all_uses_with(unpacked, delete_user_cb=lambda user: user.meta.get("memsave_unpack") is None)
         packed_count += 1
     if packed_count:
@@ -230,36 +232,44 @@ def _code_of(node: object) -> tuple[int, str] | None:
     return None
 
 
-def _pack(graph: fx.Graph, codes: fx.Node, bits: int, *, before: fx.Node) -> fx.Node:
+def _pack(graph: fx.Graph, codes: fx.Node, bits: int, order: list[int], *, before: fx.Node) -> fx.Node:
     def call(target, *args, **kwargs):
         return insert_call(graph, target, args, kwargs, like=codes, before=before)
 
     value = codes.meta["val"]
     per_byte = _BYTE // bits
-    # The kernel that computes the codes stores them as bytes, densely in memory order, and
+    # The kernel that computes the codes stores them as bytes, densely in `order`, and
     # packing reads that buffer as one flat run. Inlined into the codes' own kernel instead,
     # packing gave Inductor's C++ code generation a 4-d load index per code of each byte to
     # analyse for vectorisation; a flat run gives one-variable indices, and int16 none to analyse.
     as_float = call(prims.convert_element_type.default, codes, torch.float32)
     as_bytes = call(prims.convert_element_type.default, as_float, torch.uint8)
-    stored = call(_compat.force_stride_order, as_bytes, _dense_strides(value))
+    stored = call(_compat.force_stride_order, as_bytes, _dense_strides(value.shape, order))
     # The forward's own readers (a dropout's multiplication) read the stored codes too: computed
     # once, not again in each reader's kernel (a dropout mask's random draw, into a float buffer).
     readers = [user for user in codes.users if user is not as_float and user.op != "output"]
     if readers:
         codes.replace_all_uses_with(_from_bytes(call, stored, value.dtype), delete_user_cb=readers.__contains__)
-    flat = call(aten.reshape.default, call(aten.permute.default, stored, _memory_order(value)), [value.numel()])
+    flat = call(aten.reshape.default, call(aten.permute.default, stored, order), [value.numel()])
     if value.numel() % per_byte:
         flat = call(aten.constant_pad_nd.default, flat, [0, -value.numel() % per_byte], 0)
-    # Byte j holds element j of run 0, of run 1, ...: every term reads a contiguous run.
-    runs = call(prims.convert_element_type.default, call(aten.reshape.default, flat, [per_byte, -1]), torch.int16)
-    packed = call(aten.select.int, runs, 0, 0)
-    for k in range(1, per_byte):
-        packed = call(aten.add.Tensor, packed, call(aten.mul.Tensor, call(aten.select.int, runs, 0, k), 2 ** (bits * k)))
+    # Byte j holds element j of run 0, of run 1, ...: every term reads a contiguous run. Run k
+    # is shifted to bit bits*k, and the runs summed in groups of at most 4, then the groups:
+    # Inductor unrolls a sum over fewer than `unroll_reductions_threshold` (8) elements into
+    # pointwise adds, one plain loop, where a sum over all 8 runs would be a reduction kernel.
+    group = min(per_byte, 4)
+    shape = [per_byte // group, group, -1]
+    runs = call(prims.convert_element_type.default, call(aten.reshape.default, flat, shape), torch.int16)
+    positions = call(prims.iota.default, per_byte, start=0, step=bits, dtype=torch.int16, device=value.device, requires_grad=False)
+    shifted = call(aten.bitwise_left_shift.Tensor, runs, call(aten.view.default, positions, [*shape[:2], 1]))
+    in_groups = call(aten.sum.dim_IntList, shifted, [1], dtype=torch.int16)
+    packed = call(aten.sum.dim_IntList, in_groups, [0], dtype=torch.int16)
     return call(prims.convert_element_type.default, packed, torch.uint8)
 
 
-def _unpack(graph: fx.Graph, packed: fx.Node, like: torch.Tensor, bits: int, *, before: fx.Node) -> fx.Node:
+def _unpack(
+    graph: fx.Graph, packed: fx.Node, like: torch.Tensor, bits: int, order: list[int], *, before: fx.Node
+) -> fx.Node:
     per_byte = _BYTE // bits
     byte_count = -(-like.numel() // per_byte)
     with _compat.detect_fake_mode([packed.meta["val"]]):
@@ -273,9 +283,8 @@ def _unpack(graph: fx.Graph, packed: fx.Node, like: torch.Tensor, bits: int, *, 
 
     as_int = call(prims.convert_element_type.default, packed, torch.int16)
     # Row k of (per_byte, bytes) is code k of each byte.
-    rows = call(aten.expand.default, call(aten.unsqueeze.default, as_int, 0), [per_byte, byte_count])
     positions = call(prims.iota.default, per_byte, start=0, step=bits, dtype=torch.int16, device=like.device, requires_grad=False)
-    shifted = call(aten.bitwise_right_shift.Tensor, rows, call(aten.view.default, positions, [per_byte, 1]))
+    shifted = call(aten.bitwise_right_shift.Tensor, as_int, call(aten.view.default, positions, [per_byte, 1]))
     codes = call(aten.bitwise_and.Scalar, shifted, 2**bits - 1)
     # Unpacked in a two-variable kernel of its own, into bytes that the kernels reading the
     # codes then read, through views, as they read a saved mask under stock Inductor.
@@ -283,7 +292,6 @@ def _unpack(graph: fx.Graph, packed: fx.Node, like: torch.Tensor, bits: int, *, 
     flat = call(aten.reshape.default, stored, [-1])
     if per_byte * byte_count != like.numel():  # the padding
         flat = call(aten.slice.Tensor, flat, 0, 0, like.numel())
-    order = _memory_order(like)
     in_memory_order = call(aten.view.default, flat, [like.shape[d] for d in order])
     restored = call(aten.permute.default, in_memory_order, sorted(range(len(order)), key=order.__getitem__))
     return _from_bytes(call, restored, like.dtype)
@@ -311,13 +319,25 @@ def _compute_early(node: fx.Node) -> None:
         last_input.append(node)
 
 
-def _dense_strides(value: torch.Tensor) -> list[int]:
-    """The strides of a dense tensor of `value`'s shape and memory order."""
-    strides = [0] * value.dim()
+def _stored_order(codes: fx.Node, channels_last: set[fx.Node]) -> list[int]:
+    """The memory order to store saved `codes` in: channels-last for a 4-D boolean mask that
+    Inductor lays out so (see `_compat.channels_last_nodes`), as it would store it unpacked;
+    computed so from channels-last values, stored in the fake value's contiguous order it took
+    a transposing kernel of its own. Otherwise the value's own order: max-pool offsets stored
+    channels-last cost the backward's scatter an extra copy of its int64 indices."""
+    value = codes.meta["val"]
+    if codes in channels_last and value.dtype == torch.bool and value.dim() == 4:
+        return [0, 2, 3, 1]
+    return _memory_order(value)
+
+
+def _dense_strides(shape: Sequence[int], order: list[int]) -> list[int]:
+    """The strides of a dense tensor of `shape` laid out in `order`, outermost dim first."""
+    strides = [0] * len(shape)
     step = 1
-    for d in reversed(_memory_order(value)):
+    for d in reversed(order):
         strides[d] = step
-        step *= value.shape[d]
+        step *= shape[d]
     return strides
 
 

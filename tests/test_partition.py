@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 import torch.fx as fx
@@ -221,6 +223,32 @@ def test_masks_are_computed_before_the_next_convolution():
         while relu.target is not torch.ops.aten.relu.default:
             relu = relu.args[0]
         assert not any(order[relu] < order[conv] < order[stored] for conv in convolutions)
+
+
+@pytest.mark.parametrize("layout_optimization", [True, False], ids=["channels_last", "contiguous"])
+def test_masks_are_stored_in_the_layout_stock_inductor_saves_them_in(layout_optimization):
+    """Where Inductor runs convolutions channels-last, it saves a mask computed from their
+    outputs channels-last too (seen unpacked, with exact compression off). Stored in the fake
+    value's contiguous order instead, the codes took a transposing store of their own, in a
+    kernel of its own."""
+    model, inputs = frozen_relu_net()
+    saved_layouts = []
+
+    def record_layout(tensor):
+        if tensor.dtype == torch.bool:
+            saved_layouts.append(tensor.is_contiguous(memory_format=torch.channels_last))
+        return tensor
+
+    with torch._inductor.config.patch(layout_optimization=layout_optimization):
+        stores = graphs_for_inductor(model, inputs).forward.graph.find_nodes(op="call_function", target=STORE_CODES)
+        with saved_tensors_hooks(record_layout, lambda tensor: tensor):
+            torch.compile(copy.deepcopy(model), backend=memsave_fx.backend(exact_compression=False))(*inputs)
+        assert_grads_match(model, inputs, memsave_fx.backend())
+    assert len(stores) == 2 and saved_layouts == [layout_optimization] * 2
+    for stored in stores:
+        value = stored.meta["val"]
+        assert value.is_contiguous(memory_format=torch.channels_last) is layout_optimization
+        assert value.is_contiguous() is not layout_optimization
 
 
 def test_random_seeds_are_drawn_first():

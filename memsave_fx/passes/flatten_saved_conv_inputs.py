@@ -42,9 +42,7 @@ def flatten_saved_conv_inputs(graph: fx.Graph, config: MemsaveConfig) -> list[Re
     if not config.exact_compression or config.compiler != "inductor":
         return []  # the copy comes from Inductor's lowering alone
     rewrites = []
-    channels_last = graph.owning_module is not None and _compat.GraphLowering.decide_layout_opt(
-        graph.owning_module, is_inference=False
-    )
+    channels_last = graph.owning_module is not None and _compat.runs_channels_last(graph.owning_module)
     for primal in filter(is_primal, graph.find_nodes(op="placeholder")):
         value = primal.meta.get("val")
         if not isinstance(value, torch.Tensor) or value.dim() != 4:
