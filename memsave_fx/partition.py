@@ -82,7 +82,9 @@ class MemsavePartitioner(CustomPartitionerFn):
         pricing = _compat.partitioner_sizes(_packed_size_of) if self.pack_masks else contextlib.nullcontext()
         with pricing:
             forward, backward = _compat.min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
-        packed = pack_saved_masks(forward, backward) if self.pack_masks else 0
+        # Graphs kept for a plan run as they are, in the layouts of their fake metadata.
+        generates_code = self.lowered_by_inductor and not self.keep_graphs
+        packed = pack_saved_masks(forward, backward, in_inductors_layout=generates_code) if self.pack_masks else 0
         seeds_moved = draw_seeds_first(forward.graph)
         if packed or seeds_moved:
             forward.recompile()
@@ -144,14 +146,18 @@ def keep_graph_without_codegen(
     return GraphWithoutCodegen(gm)
 
 
-def pack_saved_masks(forward: fx.GraphModule, backward: fx.GraphModule) -> int:
+def pack_saved_masks(forward: fx.GraphModule, backward: fx.GraphModule, *, in_inductors_layout: bool) -> int:
     """Save every boolean mask and max-pool offset tensor the forward hands to the backward
-    packed into bytes (see the module docstring); return how many were packed."""
+    packed into bytes (see the module docstring); return how many were packed.
+
+    `in_inductors_layout`: Inductor generates the graphs' code and lays out their values, so
+    the codes may be stored in its layout (`_stored_order`). A graph run as it is computes in
+    the layouts of its nodes' fake metadata, which the readers' metadata was computed for."""
     output = forward.graph.output_node()
     outputs = list(output.args[0])
     descs = output.meta.get(_compat.OUTPUT_DESCRIPTORS) or [None] * len(outputs)
     backward_inputs = {node.name: node for node in backward.graph.find_nodes(op="placeholder")}
-    channels_last = _compat.channels_last_nodes(forward)  # decided on the graph as partitioned
+    channels_last = _compat.channels_last_nodes(forward) if in_inductors_layout else set()
     packed_count = 0
     for position, (saved, desc) in enumerate(zip(outputs, descs)):
         if not isinstance(desc, _compat.SavedForBackwardsAOTOutput):

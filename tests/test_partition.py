@@ -7,6 +7,7 @@ from torch import nn
 from torch.autograd.graph import saved_tensors_hooks
 
 import memsave_fx
+from memsave_fx import partition
 from memsave_fx.backend import MemsaveBackend
 from memsave_fx.partition import draw_seeds_first
 
@@ -239,8 +240,19 @@ def test_masks_are_stored_in_the_layout_stock_inductor_saves_them_in(layout_opti
             saved_layouts.append(tensor.is_contiguous(memory_format=torch.channels_last))
         return tensor
 
+    packed_forwards = []
+    pack = partition.pack_saved_masks
+
+    def pack_saved_masks(forward, backward, **kwargs):
+        packed_forwards.append(forward)
+        return pack(forward, backward, **kwargs)
+
     with torch._inductor.config.patch(layout_optimization=layout_optimization):
-        stores = graphs_for_inductor(model, inputs).forward.graph.find_nodes(op="call_function", target=STORE_CODES)
+        with pytest.MonkeyPatch.context() as patch:  # the graphs Inductor generates code for
+            patch.setattr(partition, "pack_saved_masks", pack_saved_masks)
+            torch.compile(copy.deepcopy(model), backend=memsave_fx.backend())(*inputs)
+        (forward,) = packed_forwards
+        stores = forward.graph.find_nodes(op="call_function", target=STORE_CODES)
         with saved_tensors_hooks(record_layout, lambda tensor: tensor):
             torch.compile(copy.deepcopy(model), backend=memsave_fx.backend(exact_compression=False))(*inputs)
         assert_grads_match(model, inputs, memsave_fx.backend())
@@ -249,6 +261,21 @@ def test_masks_are_stored_in_the_layout_stock_inductor_saves_them_in(layout_opti
         value = stored.meta["val"]
         assert value.is_contiguous(memory_format=torch.channels_last) is layout_optimization
         assert value.is_contiguous() is not layout_optimization
+
+
+def test_graphs_run_without_code_generation_keep_their_fake_layouts():
+    """A graph kept for a plan runs as it is, in the layouts its nodes' metadata was computed
+    for. Masks stored channels-last there made their readers channels-last: a later view of
+    a max-pool's output failed, and the gradients went wrong (found by the fuzz test)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.ConvTranspose2d(3, 8, 1), nn.LeakyReLU(), nn.Dropout(0.3), nn.ConvTranspose2d(8, 8, 1, groups=2),
+        nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8 * 3 * 3, 4),
+    )  # fmt: skip
+    for layer in model[3:]:
+        layer.requires_grad_(False)
+    with torch._inductor.config.patch(layout_optimization=True, fallback_random=True):
+        assert_grads_match(model, [torch.randn(2, 3, 6, 6)], MemsaveBackend(generate_code=False))
 
 
 def test_random_seeds_are_drawn_first():
