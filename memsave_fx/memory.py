@@ -104,9 +104,9 @@ def mark_layout_copies(gm: fx.GraphModule) -> None:
     applies Inductor's own decisions (`decide_layout_opt`, `find_nodes_prefer_channels_last`),
     so it must run under the configuration of the compilation.
     """
-    if not _compat.runs_channels_last(gm):
-        return
     prefer_channels_last = _compat.channels_last_nodes(gm)
+    if not prefer_channels_last:
+        return  # no layout optimisation
     saved = set(saved_outputs(gm))
     convolution_arguments = {
         argument

@@ -48,6 +48,7 @@ prims = torch.ops.prims
 log = logging.getLogger(__name__)
 
 _BYTE = 8
+_CHANNELS_LAST_ORDER = (0, 2, 3, 1)  # an NCHW value's dims, outermost first in memory
 
 
 class MemsavePartitioner(CustomPartitionerFn):
@@ -256,16 +257,17 @@ def _pack(graph: fx.Graph, codes: fx.Node, bits: int, order: list[int], *, befor
     readers = [user for user in codes.users if user is not as_float and user.op != "output"]
     if readers:
         codes.replace_all_uses_with(_from_bytes(call, stored, value.dtype), delete_user_cb=readers.__contains__)
-    flat = call(aten.reshape.default, call(aten.permute.default, stored, order), [value.numel()])
+    in_memory_order = call(aten.permute.default, stored, order)
     if value.numel() % per_byte:
-        flat = call(aten.constant_pad_nd.default, flat, [0, -value.numel() % per_byte], 0)
+        flat = call(aten.reshape.default, in_memory_order, [value.numel()])
+        in_memory_order = call(aten.constant_pad_nd.default, flat, [0, -value.numel() % per_byte], 0)
     # Byte j holds element j of run 0, of run 1, ...: every term reads a contiguous run. Run k
     # is shifted to bit bits*k, and the runs summed in groups of at most 4, then the groups:
     # Inductor unrolls a sum over fewer than `unroll_reductions_threshold` (8) elements into
     # pointwise adds, one plain loop, where a sum over all 8 runs would be a reduction kernel.
     group = min(per_byte, 4)
     shape = [per_byte // group, group, -1]
-    runs = call(prims.convert_element_type.default, call(aten.reshape.default, flat, shape), torch.int16)
+    runs = call(prims.convert_element_type.default, call(aten.reshape.default, in_memory_order, shape), torch.int16)
     positions = call(prims.iota.default, per_byte, start=0, step=bits, dtype=torch.int16, device=value.device, requires_grad=False)
     shifted = call(aten.bitwise_left_shift.Tensor, runs, call(aten.view.default, positions, [*shape[:2], 1]))
     in_groups = call(aten.sum.dim_IntList, shifted, [1], dtype=torch.int16)
@@ -333,7 +335,7 @@ def _stored_order(codes: fx.Node, channels_last: set[fx.Node]) -> list[int]:
     channels-last cost the backward's scatter an extra copy of its int64 indices."""
     value = codes.meta["val"]
     if codes in channels_last and value.dtype == torch.bool and value.dim() == 4:
-        return [0, 2, 3, 1]
+        return list(_CHANNELS_LAST_ORDER)
     return _memory_order(value)
 
 
