@@ -38,7 +38,7 @@ import torch.fx as fx
 
 from . import _compat
 from ._compat import CustomPartitionerFn, OutputCode
-from .analysis import CODE_BITS, SAVED_AS, Decision, SavedAs
+from .analysis import CODE_BITS, CONVERTED_FOR_CONVOLUTION, SAVED_AS, Decision, SavedAs
 from .memory import mark_layout_copies
 from .passes.base import insert_call
 from .record import CompiledGraph
@@ -87,9 +87,10 @@ class MemsavePartitioner(CustomPartitionerFn):
         generates_code = self.lowered_by_inductor and not self.keep_graphs
         packed = pack_saved_masks(forward, backward, in_inductors_layout=generates_code) if self.pack_masks else 0
         seeds_moved = draw_seeds_first(forward.graph)
+        hoisted = hoist_converting_convolution_backwards(backward.graph)
         if packed or seeds_moved:
             forward.recompile()
-        if packed:
+        if packed or hoisted:
             backward.recompile()
         if self.record is not None:
             self.record.add_packed_masks(packed)
@@ -206,6 +207,52 @@ def draw_seeds_first(graph: fx.Graph) -> bool:
     for node in seeds:
         first_op.prepend(node)
     return True
+
+
+def hoist_converting_convolution_backwards(graph: fx.Graph) -> int:
+    """Move each convolution backward whose weight Inductor's lowering copies to channels-last
+    (`CONVERTED_FOR_CONVOLUTION`) ahead of the library call just before it, where it does not
+    depend on that call, with what it reads that is computed since and the outputs it unpacks;
+    return how many moved.
+
+    The C++ backend generates the pointwise ops between two library calls as one kernel. The
+    copy is made just before the convolution backward; where that follows another library call
+    directly (the two branches of a residual block), the copy alone was a kernel to compile.
+    Moved ahead, it joins the kernel computing the gradient both read, as under stock Inductor,
+    whose backward reads the channels-last copy saved by the forward."""
+    moved = 0
+    for convolution in graph.find_nodes(op="call_function", target=aten.convolution_backward.default):
+        weight = convolution.args[2]
+        if not (isinstance(weight, fx.Node) and weight.meta.get(CONVERTED_FOR_CONVOLUTION)):
+            continue
+        nodes = list(graph.nodes)
+        position = {node: i for i, node in enumerate(nodes)}
+        library_call = next((n for n in reversed(nodes[: position[convolution]]) if n.target in _LIBRARY_CALLS), None)
+        if library_call is None:
+            continue
+        since = _ancestors_from(convolution, position[library_call], position)
+        if library_call in since or any(map(_draws_from_generator, since)):
+            continue  # it depends on the call, or moving would reorder draws from the generator
+        for node in [*sorted(since, key=position.__getitem__), convolution, *convolution.users]:
+            library_call.prepend(node)
+        moved += 1
+    return moved
+
+
+# Calls into a library, which end the kernel Inductor's C++ backend is generating.
+_LIBRARY_CALLS = frozenset({aten.convolution.default, aten.convolution_backward.default})
+
+
+def _ancestors_from(node: fx.Node, start: int, position: dict[fx.Node, int]) -> set[fx.Node]:
+    """The nodes `node` depends on that sit at `start` or later."""
+    found: set[fx.Node] = set()
+    pending = [node]
+    while pending:
+        for dependency in pending.pop().all_input_nodes:
+            if position[dependency] >= start and dependency not in found:
+                found.add(dependency)
+                pending.append(dependency)
+    return found
 
 
 def _draws_from_generator(node: fx.Node) -> bool:

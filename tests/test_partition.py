@@ -9,6 +9,7 @@ from torch.autograd.graph import saved_tensors_hooks
 import memsave_fx
 from memsave_fx import partition
 from memsave_fx.backend import MemsaveBackend
+from memsave_fx.analysis import CONVERTED_FOR_CONVOLUTION
 from memsave_fx.partition import draw_seeds_first
 
 from .utils import assert_grads_match, saved_bytes_of
@@ -303,6 +304,48 @@ def test_seeds_stay_where_another_op_draws_from_the_generator():
     with_rand = graph_with(seeds, (torch.ops.aten.rand.default, ([2],)))
     before = list(with_rand.nodes)
     assert not draw_seeds_first(with_rand) and list(with_rand.nodes) == before
+
+
+class ResidualBlock(nn.Module):
+    """A 3x3 main path beside a 1x1 shortcut, whose convolution backwards both read the
+    gradient of their sum."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.main = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
+        self.shortcut = nn.Conv2d(4, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.main(x) + self.shortcut(x))
+
+
+def test_a_convolution_backward_converting_its_weight_runs_ahead_of_an_independent_one():
+    """The channels-last copy of a flat-saved weight is made just before its convolution
+    backward. Right after the shortcut's convolution backward, the copy alone was a C++ kernel;
+    ahead of it, the copy joins the kernel computing the gradient both read."""
+    model, inputs = ResidualBlock(), [torch.randn(2, 4, 8, 8)]
+    with torch._inductor.config.patch(layout_optimization=True):
+        graph = graphs_for_inductor(model, inputs).backward.graph
+        assert_grads_match(model, inputs, memsave_fx.backend())
+    library_calls = [n for n in graph.nodes if n.target is torch.ops.aten.convolution_backward.default]
+    converting = [n for n in library_calls if n.args[2].meta.get(CONVERTED_FOR_CONVOLUTION)]
+    assert len(library_calls) == 3 and len(converting) == 2  # the 1x1 weight is channels-last already
+    for convolution in converting:
+        earlier = library_calls[: library_calls.index(convolution)]
+        assert all(_depends_on(convolution, call) for call in earlier)
+
+
+def _depends_on(node: fx.Node, other: fx.Node) -> bool:
+    pending, seen = [node], set()
+    while pending:
+        for dependency in pending.pop().all_input_nodes:
+            if dependency is other:
+                return True
+            if dependency not in seen:
+                seen.add(dependency)
+                pending.append(dependency)
+    return False
 
 
 def test_a_dropout_mask_is_drawn_once():

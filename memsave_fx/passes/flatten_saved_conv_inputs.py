@@ -13,6 +13,10 @@ explicit in the graph: the weight gradient's memory format follows its input's, 
 Inductor's comes out channels-last, as the convolution computes it. From a contiguous input
 Inductor would copy it to contiguous, a kernel more to compile and run.
 
+Where a convolution backward reads the un-flattened value as its weight, Inductor's lowering
+copies it to channels-last; `partition.hoist_converting_convolution_backwards` keeps that copy
+from being a C++ kernel of its own.
+
 Two details keep the partitioner from undoing this: `_unsafe_view` is not treated as a view
 (views are always recomputed, never saved), and the two un-flattens are different ops
 (`view` and `_unsafe_view`), which its CSE would otherwise merge across the boundary.
@@ -27,7 +31,7 @@ import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from torch.utils.checkpoint import CheckpointPolicy
 
-from ..analysis import IS_BACKWARD, display_name, is_primal
+from ..analysis import CONVERTED_FOR_CONVOLUTION, IS_BACKWARD, display_name, is_primal
 from .. import _compat
 from ..config import MemsaveConfig
 from .base import Rewrite, insert_call
@@ -112,6 +116,9 @@ def _flatten(
     _compat.tag_for_backward(for_backward)
     for user in backward_users:
         user.replace_input_with(primal, for_backward)
+    if channels_last:
+        # A convolution backward reading it as its weight copies it to channels-last first.
+        for_backward.meta[CONVERTED_FOR_CONVOLUTION] = True
     weight_gradients = [n for n in graph.nodes if n in backward_users and _reads_as_data(n, for_backward)]
     if channels_last and weight_gradients:
         as_channels_last = insert_call(
