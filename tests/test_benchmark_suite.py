@@ -24,8 +24,21 @@ def rows(tmp_path_factory):
     assert page.count("| cnn | all |") == 5
     assert "- memsave: cold compile " in page and "Inductor's (geometric mean of 1)" in page
     assert str(out) not in page  # no local path on the results page
+    assert "![saved bytes](results.png)" in page
     assert (out / "results.png").read_bytes().startswith(b"\x89PNG")
     return {row["backend"]: row for row in json.loads((out / "rows.json").read_text())}
+
+
+def test_a_page_without_eager_rows_has_no_chart(tmp_path):
+    """The chart's bars are saved bytes relative to eager PyTorch: without eager rows it would be empty."""
+    command = [
+        sys.executable, str(ROOT / "benchmarks" / "run.py"), "--models", "cnn", "--cases", "all",
+        "--backends", "convert", "--steps", "1", "--results-dir", str(tmp_path),
+    ]  # fmt: skip
+    subprocess.run(command, check=True, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    page = (tmp_path / "results.md").read_text()
+    assert "| cnn | all | convert |" in page
+    assert "results.png" not in page and not (tmp_path / "results.png").exists()
 
 
 def test_every_backend_reports_every_metric(rows):
