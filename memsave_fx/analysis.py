@@ -44,8 +44,8 @@ GRADIENT_OF = "memsave_gradient_of"  # on a primal placeholder: its gradient nod
 SOURCE = "memsave_source"  # on a primal placeholder: the `GraphInput` it holds
 SAVED_AS = "memsave_saved_as"  # on a forward value saved in place of another: a `SavedAs`
 CODE_BITS = "memsave_code_bits"  # on a forward value of small codes: the bits each element needs
-# On a backward value that Inductor's lowering copies to channels-last where a convolution
-# backward reads it as its weight.
+# On a backward value that Inductor's lowering copies to channels-last where a convolution or a
+# convolution backward reads it as its weight.
 CONVERTED_FOR_CONVOLUTION = "memsave_converted_for_convolution"
 
 

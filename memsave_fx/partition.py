@@ -87,7 +87,7 @@ class MemsavePartitioner(CustomPartitionerFn):
         generates_code = self.lowered_by_inductor and not self.keep_graphs
         packed = pack_saved_masks(forward, backward, in_inductors_layout=generates_code) if self.pack_masks else 0
         seeds_moved = draw_seeds_first(forward.graph)
-        hoisted = hoist_converting_convolution_backwards(backward.graph)
+        hoisted = hoist_converting_convolutions(backward.graph)
         if packed or seeds_moved:
             forward.recompile()
         if packed or hoisted:
@@ -209,32 +209,34 @@ def draw_seeds_first(graph: fx.Graph) -> bool:
     return True
 
 
-def hoist_converting_convolution_backwards(graph: fx.Graph) -> int:
-    """Move each convolution backward whose weight Inductor's lowering copies to channels-last
-    (`CONVERTED_FOR_CONVOLUTION`) ahead of the library call just before it, where it does not
-    depend on that call, with what it reads that is computed since and the outputs it unpacks;
-    return how many moved.
+def hoist_converting_convolutions(graph: fx.Graph) -> int:
+    """Move each convolution or convolution backward whose weight Inductor's lowering copies to
+    channels-last (`CONVERTED_FOR_CONVOLUTION`) ahead of the library call just before it, where
+    it does not depend on that call, with what it reads that is computed since and the outputs
+    it unpacks; return how many moved.
 
     The C++ backend generates the pointwise ops between two library calls as one kernel. The
-    copy is made just before the convolution backward; where that follows another library call
+    copy is made just before the call that reads it; where that follows another library call
     directly (the two branches of a residual block), the copy alone was a kernel to compile.
     Moved ahead, it joins the kernel computing the gradient both read, as under stock Inductor,
-    whose backward reads the channels-last copy saved by the forward."""
+    whose backward reads the channels-last copy saved by the forward. (A frozen weight's input
+    gradient is a transposed convolution, `replace_frozen_convolution_backward`.)"""
     moved = 0
-    for convolution in graph.find_nodes(op="call_function", target=aten.convolution_backward.default):
-        weight = convolution.args[2]
+    for call in [node for node in graph.nodes if node.target in _LIBRARY_CALLS]:
+        weight = call.args[2] if call.target is aten.convolution_backward.default else call.args[1]
         if not (isinstance(weight, fx.Node) and weight.meta.get(CONVERTED_FOR_CONVOLUTION)):
             continue
         nodes = list(graph.nodes)
         position = {node: i for i, node in enumerate(nodes)}
-        library_call = next((n for n in reversed(nodes[: position[convolution]]) if n.target in _LIBRARY_CALLS), None)
-        if library_call is None:
+        call_before = next((n for n in reversed(nodes[: position[call]]) if n.target in _LIBRARY_CALLS), None)
+        if call_before is None:
             continue
-        since = _ancestors_from(convolution, position[library_call], position)
-        if library_call in since or any(map(_draws_from_generator, since)):
-            continue  # it depends on the call, or moving would reorder draws from the generator
-        for node in [*sorted(since, key=position.__getitem__), convolution, *convolution.users]:
-            library_call.prepend(node)
+        since = _ancestors_from(call, position[call_before], position)
+        if call_before in since or any(map(_draws_from_generator, since)):
+            continue  # it depends on that call, or moving would reorder draws from the generator
+        unpacked = [user for user in call.users if user.target is operator.getitem]
+        for node in [*sorted(since, key=position.__getitem__), call, *unpacked]:
+            call_before.prepend(node)
         moved += 1
     return moved
 

@@ -320,20 +320,26 @@ class ResidualBlock(nn.Module):
         return torch.relu(self.main(x) + self.shortcut(x))
 
 
-def test_a_convolution_backward_converting_its_weight_runs_ahead_of_an_independent_one():
-    """The channels-last copy of a flat-saved weight is made just before its convolution
-    backward. Right after the shortcut's convolution backward, the copy alone was a C++ kernel;
-    ahead of it, the copy joins the kernel computing the gradient both read."""
-    model, inputs = ResidualBlock(), [torch.randn(2, 4, 8, 8)]
+@pytest.mark.parametrize("weights_train", [True, False], ids=["weights_train", "weights_frozen"])
+def test_a_convolution_converting_its_weight_runs_ahead_of_an_independent_one(weights_train):
+    """The channels-last copy of a flat-saved weight is made just before the library call that
+    reads it: a convolution backward, or for a frozen weight the transposed convolution giving
+    its input gradient. Right after the shortcut's call, the copy alone was a C++ kernel; ahead
+    of it, the copy joins the kernel computing the gradient both read."""
+    model, inputs = ResidualBlock(), [torch.randn(2, 4, 8, 8, requires_grad=not weights_train)]
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(weights_train or name.endswith("bias"))
     with torch._inductor.config.patch(layout_optimization=True):
         graph = graphs_for_inductor(model, inputs).backward.graph
         assert_grads_match(model, inputs, memsave_fx.backend())
-    library_calls = [n for n in graph.nodes if n.target is torch.ops.aten.convolution_backward.default]
-    converting = [n for n in library_calls if n.args[2].meta.get(CONVERTED_FOR_CONVOLUTION)]
+    convolutions = (torch.ops.aten.convolution.default, torch.ops.aten.convolution_backward.default)
+    library_calls = [n for n in graph.nodes if n.target in convolutions]
+    weight_index = {convolutions[0]: 1, convolutions[1]: 2}
+    converting = [n for n in library_calls if n.args[weight_index[n.target]].meta.get(CONVERTED_FOR_CONVOLUTION)]
     assert len(library_calls) == 3 and len(converting) == 2  # the 1x1 weight is channels-last already
-    for convolution in converting:
-        earlier = library_calls[: library_calls.index(convolution)]
-        assert all(_depends_on(convolution, call) for call in earlier)
+    for call in converting:
+        earlier = library_calls[: library_calls.index(call)]
+        assert all(_depends_on(call, other) for other in earlier)
 
 
 def _depends_on(node: fx.Node, other: fx.Node) -> bool:

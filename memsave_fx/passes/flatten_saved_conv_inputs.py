@@ -13,9 +13,10 @@ explicit in the graph: the weight gradient's memory format follows its input's, 
 Inductor's comes out channels-last, as the convolution computes it. From a contiguous input
 Inductor would copy it to contiguous, a kernel more to compile and run.
 
-Where a convolution backward reads the un-flattened value as its weight, Inductor's lowering
-copies it to channels-last; `partition.hoist_converting_convolution_backwards` keeps that copy
-from being a C++ kernel of its own.
+Where the backward reads the un-flattened value as a weight (a convolution backward's, or a
+transposed convolution's computing a frozen weight's input gradient), Inductor's lowering copies
+it to channels-last; `partition.hoist_converting_convolutions` keeps that copy from being a C++
+kernel of its own.
 
 Two details keep the partitioner from undoing this: `_unsafe_view` is not treated as a view
 (views are always recomputed, never saved), and the two un-flattens are different ops
@@ -117,7 +118,7 @@ def _flatten(
     for user in backward_users:
         user.replace_input_with(primal, for_backward)
     if channels_last:
-        # A convolution backward reading it as its weight copies it to channels-last first.
+        # A convolution (backward) reading it as its weight copies it to channels-last first.
         for_backward.meta[CONVERTED_FOR_CONVOLUTION] = True
     weight_gradients = [n for n in graph.nodes if n in backward_users and _reads_as_data(n, for_backward)]
     if channels_last and weight_gradients:
